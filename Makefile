@@ -1,0 +1,45 @@
+# moe-cpt: every target creates .venv itself on first use.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+STORE ?= data/store
+WORKERS ?= 2
+
+.PHONY: help venv shards test test-fast lint bench bench-corpus bench-mixer bench-train s3 clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned, so pip takes the CPU build from local disk.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[s3,train,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## create .venv with everything installed
+
+shards: $(STAMP) ## build the embedded demo datasets (prose, code) into ./data/store
+	$(PY) -m cpt.cli corpus demo --store $(STORE) --workers $(WORKERS)
+
+test: $(STAMP) ## run the whole test suite (slow end-to-end tests included)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP) ## run the tests without the slow end-to-end ones
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(STAMP) ## ruff
+	$(PY) -m ruff check .
+
+bench: bench-corpus bench-mixer bench-train ## all benchmarks
+
+bench-corpus: $(STAMP) ## tokens/s of the corpus pipeline vs raw tokenizers vs datatrove
+	$(PY) -m cpt.cli bench corpus
+
+s3: $(STAMP) ## start a local S3 endpoint on 127.0.0.1:9000 (foreground)
+	$(PY) -m infra.local_s3 --port 9000
+
+clean: ## remove build outputs (keeps .venv)
+	rm -rf data/store data/work .pytest_cache
