@@ -97,7 +97,7 @@ class Store:
         return refs
 
     def tag(self, name: str, tag: str, version: str) -> None:
-        if not TAG_RE.match(tag) or re.fullmatch(r"[0-9a-f]{%d}" % VERSION_ID_LEN, tag):
+        if not TAG_RE.match(tag) or re.fullmatch(f"[0-9a-f]{{{VERSION_ID_LEN}}}", tag):
             raise ConfigError(f"invalid tag {tag!r}: start with a letter; letters, digits, . _ -")
         refs = self.load_refs(name)
         refs.tags[tag] = version

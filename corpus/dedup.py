@@ -1,0 +1,102 @@
+"""Deduplication stages, all datatrove's: exact (content hash) and near-duplicate (MinHash LSH).
+
+Both of datatrove's filters address documents by their index within a task's stream, so each
+stage that computes signatures must see exactly the stream its filter will see later:
+
+    exact:   front -> ExactDedupSignature | ExactFindDedups | ... ExactDedupFilter
+    minhash: front -> ExactDedupFilter -> MinhashDedupSignature | Buckets | Cluster | ... MinhashDedupFilter
+
+where ``front`` is readers + cleaning (deterministic, re-run by each stage).
+"""
+
+import re
+
+from datatrove.data import Document
+from datatrove.pipeline.dedup import (
+    MinhashConfig,
+    MinhashDedupBuckets,
+    MinhashDedupCluster,
+    MinhashDedupFilter,
+    MinhashDedupSignature,
+)
+from datatrove.pipeline.dedup.exact_dedup import (
+    ExactDedupConfig,
+    ExactDedupFilter,
+    ExactDedupSignature,
+    ExactFindDedups,
+)
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from corpus.config import DedupConfig
+from cpt.fs import join
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+class RegexWordTokenizer(WordTokenizer):
+    """Language-agnostic word splitter for MinHash shingles (prose and code alike, no model)."""
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return _WORD.findall(text)
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [s for s in text.split("\n") if s.strip()]
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        return [m.span() for m in _WORD.finditer(text)]
+
+
+def document_text(doc: Document) -> str:
+    # datatrove picks the hash function from this annotation: keep it a real type (no
+    # `from __future__ import annotations` in this module).
+    return doc.text
+
+
+def exact_config() -> ExactDedupConfig:
+    return ExactDedupConfig(content_getter=document_text)
+
+
+def minhash_config(cfg: DedupConfig) -> MinhashConfig:
+    m = cfg.minhash
+    return MinhashConfig(n_grams=m.n_grams, num_buckets=m.num_buckets, hashes_per_bucket=m.hashes_per_bucket, seed=m.seed)
+
+
+class DedupPlan:
+    """Creates the dedup steps for one build, rooted at ``work`` (a URL)."""
+
+    def __init__(self, cfg: DedupConfig, work: str):
+        self.cfg = cfg
+        self.exact_sigs = join(work, "exact", "sigs")
+        self.exact_dups = join(work, "exact", "dups")
+        self.mh_sigs = join(work, "minhash", "sigs")
+        self.mh_buckets = join(work, "minhash", "buckets")
+        self.mh_remove = join(work, "minhash", "remove")
+
+    @property
+    def exact(self) -> bool:
+        return self.cfg.exact
+
+    @property
+    def minhash(self) -> bool:
+        return self.cfg.minhash.enabled
+
+    def exact_signature(self) -> ExactDedupSignature:
+        return ExactDedupSignature(self.exact_sigs, exact_config())
+
+    def exact_find(self) -> ExactFindDedups:
+        return ExactFindDedups(self.exact_sigs, self.exact_dups, exact_config())
+
+    def exact_filter(self) -> list:
+        return [ExactDedupFilter(self.exact_dups, exact_config())] if self.exact else []
+
+    def minhash_signature(self) -> MinhashDedupSignature:
+        return MinhashDedupSignature(self.mh_sigs, minhash_config(self.cfg), language=RegexWordTokenizer())
+
+    def minhash_buckets(self) -> MinhashDedupBuckets:
+        return MinhashDedupBuckets(self.mh_sigs, self.mh_buckets, config=minhash_config(self.cfg))
+
+    def minhash_cluster(self) -> MinhashDedupCluster:
+        return MinhashDedupCluster(self.mh_buckets, self.mh_remove, config=minhash_config(self.cfg))
+
+    def minhash_filter(self) -> list:
+        return [MinhashDedupFilter(self.mh_remove)] if self.minhash else []

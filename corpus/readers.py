@@ -1,0 +1,163 @@
+"""Input readers: datatrove readers with strict, file-and-line-precise handling of bad records.
+
+datatrove's own readers log a warning and move on when a line is malformed; a dataset build
+must instead either stop with a message naming the file and line (``on_bad_record: fail``) or
+count the record as skipped (``on_bad_record: skip``, counted in the build stats).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import orjson
+from datatrove.data import Document
+from datatrove.pipeline.readers import JsonlReader, ParquetReader
+from datatrove.pipeline.readers.base import BaseDiskReader
+
+from cpt.errors import InputDataError
+
+
+class _StrictMixin:
+    """Shared bad-record policy and progress reporting for our readers."""
+
+    on_bad_record: str
+    progress_path: str | None
+    _progress_bytes: int
+    _progress_last: float
+
+    def _setup_strict(self, on_bad_record: str, progress_path: str | None) -> None:
+        self.on_bad_record = on_bad_record
+        self.progress_path = progress_path
+        self._progress_bytes = 0
+        self._progress_last = 0.0
+
+    def bad_record(self, filepath: str, line: int | None, reason: str) -> None:
+        where = self.data_folder.resolve_paths(filepath)  # type: ignore[attr-defined]
+        where = f"{where}:{line}" if line is not None else where
+        if self.on_bad_record == "fail":
+            raise InputDataError(f"{where}: {reason} (set on_bad_record: skip to count and skip such records)")
+        self.stat_update("bad_records_skipped")  # type: ignore[attr-defined]
+
+    def report_progress(self, nbytes: int, rank: int, force: bool = False) -> None:
+        """Accumulate input bytes read; write them to ``progress_path/<rank>`` about once a second."""
+        self._progress_bytes += nbytes
+        now = time.monotonic()
+        if self.progress_path and (force or now - self._progress_last > 0.5):
+            self._progress_last = now
+            try:
+                with open(f"{self.progress_path}/{rank:05d}", "w") as f:
+                    f.write(str(self._progress_bytes))
+            except OSError:
+                pass  # progress is best effort; the build does not depend on it
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        self._rank = rank
+        yield from super().run(data, rank, world_size)  # type: ignore[misc]
+        self.report_progress(0, rank, force=True)
+
+    def make_document(self, text: object, doc_id: str, filepath: str, line: int | None) -> Document | None:
+        if not isinstance(text, str):
+            self.bad_record(filepath, line, f"field {self.text_key!r} is {type(text).__name__}, not a string")  # type: ignore[attr-defined]
+            return None
+        meta = {"file_path": self.data_folder.resolve_paths(filepath)}  # type: ignore[attr-defined]
+        return Document(text=text, id=str(doc_id), metadata=meta)
+
+
+class StrictJsonlReader(_StrictMixin, JsonlReader):
+    name = "🐿 Jsonl (strict)"
+
+    def __init__(self, data_folder, glob_pattern: str | None, text_key: str, id_key: str,
+                 on_bad_record: str, progress_path: str | None = None):
+        super().__init__(data_folder, glob_pattern=glob_pattern, text_key=text_key, id_key=id_key)
+        self._setup_strict(on_bad_record, progress_path)
+
+    def read_file(self, filepath: str) -> Iterator[Document]:
+        rank = getattr(self, "_rank", 0)
+        with self.data_folder.open(filepath, "rb", compression=self.compression) as f:
+            for li, raw in enumerate(f, start=1):
+                self.report_progress(len(raw), rank)
+                if not raw.strip():
+                    continue
+                try:
+                    record = orjson.loads(raw)
+                except orjson.JSONDecodeError as exc:
+                    try:
+                        raw.decode("utf-8")
+                        reason = f"malformed JSON ({exc})"
+                    except UnicodeDecodeError as uexc:
+                        reason = f"invalid UTF-8 at byte {uexc.start} of the line"
+                    self.bad_record(filepath, li, reason)
+                    continue
+                if not isinstance(record, dict):
+                    self.bad_record(filepath, li, f"expected a JSON object, got {type(record).__name__}")
+                    continue
+                if self.text_key not in record:
+                    self.bad_record(filepath, li, f"missing text field {self.text_key!r} (keys: {', '.join(record)[:200]})")
+                    continue
+                doc = self.make_document(record[self.text_key], record.get(self.id_key, f"{filepath}:{li}"), filepath, li)
+                if doc is not None:
+                    yield doc
+
+
+class StrictParquetReader(_StrictMixin, ParquetReader):
+    name = "📒 Parquet (strict)"
+
+    def __init__(self, data_folder, glob_pattern: str | None, text_key: str, id_key: str,
+                 on_bad_record: str, progress_path: str | None = None):
+        super().__init__(data_folder, glob_pattern=glob_pattern, text_key=text_key, id_key=id_key)
+        self._setup_strict(on_bad_record, progress_path)
+
+    def read_file(self, filepath: str) -> Iterator[Document]:
+        import pyarrow.parquet as pq
+        from pyarrow import ArrowException
+
+        rank = getattr(self, "_rank", 0)
+        with self.data_folder.open(filepath, "rb") as f:
+            try:
+                pqf = pq.ParquetFile(f)
+            except (ArrowException, OSError) as exc:
+                self.bad_record(filepath, None, f"not a readable Parquet file ({exc})")
+                return
+            names = pqf.schema_arrow.names
+            if self.text_key not in names:
+                self.bad_record(filepath, None, f"missing text column {self.text_key!r} (columns: {', '.join(names)})")
+                return
+            columns = [self.text_key] + ([self.id_key] if self.id_key in names else [])
+            row = 0
+            for batch in pqf.iter_batches(batch_size=self.batch_size, columns=columns):
+                texts = batch.column(self.text_key).to_pylist()
+                ids = batch.column(self.id_key).to_pylist() if self.id_key in names else [None] * len(texts)
+                self.report_progress(batch.nbytes, rank)
+                for text, doc_id in zip(texts, ids, strict=True):
+                    row += 1
+                    if text is None:
+                        self.bad_record(filepath, row, f"null in text column {self.text_key!r}")
+                        continue
+                    doc = self.make_document(text, doc_id if doc_id is not None else f"{filepath}:{row}", filepath, row)
+                    if doc is not None:
+                        yield doc
+
+
+class TextFileReader(_StrictMixin, BaseDiskReader):
+    """One document per file (source code, plain text); the id is the path relative to the input."""
+
+    name = "📄 Text files"
+
+    def __init__(self, data_folder, glob_pattern: str | None, on_bad_record: str, progress_path: str | None = None):
+        super().__init__(data_folder, glob_pattern=glob_pattern)
+        self._setup_strict(on_bad_record, progress_path)
+
+    def read_file(self, filepath: str) -> Iterator[Document]:
+        with self.data_folder.open(filepath, "rb") as f:
+            raw = f.read()
+        self.report_progress(len(raw), getattr(self, "_rank", 0))
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            self.bad_record(filepath, line, f"invalid UTF-8 at byte {exc.start}")
+            return
+        doc = self.make_document(text, filepath, filepath, None)
+        if doc is not None:
+            yield doc
