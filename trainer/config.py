@@ -1,0 +1,203 @@
+"""The user-facing run config (YAML) and its translation into torchtitan's ``Trainer.Config``.
+
+A config file is a nested mapping (see ``trainer/configs/*.yaml`` and docs/trainer.md);
+command-line overrides are ``dotted.key=value`` with YAML-parsed values. Unknown keys are an
+error, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cpt.errors import ConfigError
+
+DEFAULTS: dict[str, Any] = {
+    "model": {"flavor": "tiny_moe", "router": "aux_loss", "attention": "sdpa",
+              "aux_loss_coeff": 0.01, "z_loss_coeff": 0.001, "load_balance_coeff": 0.001,
+              "vocab_size": None},
+    "data": {"kind": "synthetic", "blend": "", "seed": 0, "weights": [0.5, 0.5]},
+    "training": {"steps": 20, "seq_len": 64, "local_batch_size": 2, "global_batch_size": -1,
+                 "seed": 0, "max_norm": 1.0, "mixed_precision_param": "float32",
+                 "deterministic": False},
+    "optimizer": {"lr": 3e-3, "weight_decay": 0.1},
+    "schedule": {"kind": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1, "decay_ratio": None},
+    "parallel": {"nproc": 2, "dp_shard": -1, "ep": 1},
+    "checkpoint": {"enable": True, "interval": 10, "keep_latest_k": 0},
+    "eval": {"interval": 0, "samples_per_source": 4, "reference_routing": ""},
+    "metrics": {"log_freq": 1, "tensorboard": False},
+    "run": {"output_dir": "runs/default", "run_id": "", "phase": "pretrain",
+            "parent_run_dir": "", "parent_step": -1, "load_optimizer": False,
+            "init_from_full": True, "fail_at_step": 0},
+}
+
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], path: str = "") -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        where = f"{path}{key}"
+        if key not in base:
+            raise ConfigError(f"unknown config key {where!r}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {where!r} must be a mapping")
+            out[key] = _merge(base[key], value, where + ".")
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``a.b.c=value`` -> ``{"a": {"b": {"c": value}}}`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: bad value ({exc})") from exc
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """Defaults <- file <- overrides, validated."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+        cfg = _merge(cfg, loaded)
+    for text in overrides:
+        cfg = _merge(cfg, parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    from trainer.models import ROUTERS, SHAPES
+
+    m, t, p = cfg["model"], cfg["training"], cfg["parallel"]
+    if m["flavor"] not in SHAPES:
+        raise ConfigError(f"model.flavor {m['flavor']!r} unknown ({', '.join(SHAPES)})")
+    if m["router"] not in ROUTERS:
+        raise ConfigError(f"model.router {m['router']!r} unknown ({', '.join(ROUTERS)})")
+    if cfg["schedule"]["kind"] not in SCHEDULES:
+        raise ConfigError(f"schedule.kind must be one of {', '.join(SCHEDULES)}")
+    if cfg["data"]["kind"] not in ("synthetic", "mixer"):
+        raise ConfigError("data.kind must be 'synthetic' or 'mixer'")
+    if int(p["nproc"]) < 1:
+        raise ConfigError("parallel.nproc must be >= 1")
+    dp = int(p["nproc"]) if int(p["dp_shard"]) == -1 else int(p["dp_shard"])
+    g = int(t["global_batch_size"])
+    if g > 0 and g % (int(t["local_batch_size"]) * dp):
+        raise ConfigError(
+            f"training.global_batch_size {g} must be a multiple of local_batch_size x DP "
+            f"({t['local_batch_size']} x {dp})"
+        )
+    if cfg["run"]["phase"] not in ("pretrain", "cpt"):
+        raise ConfigError("run.phase must be 'pretrain' or 'cpt'")
+    if cfg["run"]["phase"] == "cpt" and not cfg["run"]["parent_run_dir"]:
+        raise ConfigError("run.phase=cpt needs run.parent_run_dir")
+
+
+def lr_scheduler_config(schedule: dict[str, Any]) -> Any:
+    from torchtitan.components.optimizer import LRSchedulersContainer
+
+    kind = schedule["kind"]
+    decay_ratio = schedule.get("decay_ratio")
+    if kind == "constant":
+        decay_ratio = 0.0  # warmup, then flat ("infinite" schedule)
+    return LRSchedulersContainer.Config(
+        warmup_steps=int(schedule["warmup_steps"]),
+        decay_ratio=decay_ratio,
+        decay_type="linear" if kind == "linear" else "cosine",
+        min_lr_factor=float(schedule["min_lr_ratio"]),
+    )
+
+
+def to_trainer_config(cfg: dict[str, Any]) -> Any:
+    """Build the ``CptTrainer.Config`` (a torchtitan ``Trainer.Config``)."""
+    from torchtitan.components.checkpoint import CheckpointManager
+    from torchtitan.components.loss import CrossEntropyLoss
+    from torchtitan.components.optimizer import default_adamw
+    from torchtitan.config import ParallelismConfig, TrainingConfig
+    from torchtitan.config.configs import DebugConfig
+
+    from trainer import cpu_compat
+    from trainer.data import CptDataLoader, NullTokenizer
+    from trainer.models import SHAPES, model_spec
+    from trainer.step_metrics import StepMetrics
+    from trainer.train import CptTrainer, EvalConfig, RunConfig
+
+    m, d, t, p = cfg["model"], cfg["data"], cfg["training"], cfg["parallel"]
+    vocab = m["vocab_size"] or SHAPES[m["flavor"]].vocab_size
+    spec = model_spec(
+        m["flavor"], router=m["router"], attention=m["attention"],
+        aux_loss_coeff=float(m["aux_loss_coeff"]), z_loss_coeff=float(m["z_loss_coeff"]),
+        load_balance_coeff=float(m["load_balance_coeff"]), vocab_size=vocab,
+    )
+    run = cfg["run"]
+    training = TrainingConfig(
+        local_batch_size=int(t["local_batch_size"]),
+        global_batch_size=int(t["global_batch_size"]),
+        seq_len=int(t["seq_len"]),
+        steps=int(t["steps"]),
+        max_norm=float(t["max_norm"]),
+        mixed_precision_param=t["mixed_precision_param"],
+    )
+    parallelism = ParallelismConfig(
+        data_parallel_shard_degree=int(p["dp_shard"]),
+        expert_parallel_degree=int(p["ep"]),
+    )
+    cpu_compat.adapt_config(training, parallelism)
+    return CptTrainer.Config(
+        model_spec=spec,
+        dump_folder=str(run["output_dir"]),
+        tokenizer=NullTokenizer.Config(vocab_size=vocab),
+        dataloader=CptDataLoader.Config(kind=d["kind"], blend=str(d["blend"]), seed=int(d["seed"]),
+                                        vocab_size=vocab, weights=[float(w) for w in d["weights"]]),
+        loss=CrossEntropyLoss.Config(),
+        optimizer=default_adamw(lr=float(cfg["optimizer"]["lr"]),
+                                weight_decay=float(cfg["optimizer"]["weight_decay"])),
+        lr_scheduler=lr_scheduler_config(cfg["schedule"]),
+        metrics=StepMetrics.Config(log_freq=int(cfg["metrics"]["log_freq"]),
+                                   enable_tensorboard=bool(cfg["metrics"]["tensorboard"]),
+                                   disable_color_printing=True),
+        training=training,
+        parallelism=parallelism,
+        checkpoint=CheckpointManager.Config(
+            enable=bool(cfg["checkpoint"]["enable"]),
+            interval=int(cfg["checkpoint"]["interval"]),
+            keep_latest_k=int(cfg["checkpoint"]["keep_latest_k"]),
+            last_save_model_only=False,
+        ),
+        activation_checkpoint=None,  # no activation checkpointing at these sizes
+        debug=DebugConfig(seed=int(t["seed"]), deterministic=bool(t["deterministic"])),
+        run=RunConfig(run_id=str(run["run_id"]), phase=run["phase"],
+                      parent_run_dir=str(run["parent_run_dir"]),
+                      parent_step=int(run["parent_step"]),
+                      load_optimizer=bool(run["load_optimizer"]),
+                      init_from_full=bool(run["init_from_full"]),
+                      fail_at_step=int(run["fail_at_step"])),
+        evaluation=EvalConfig(interval=int(cfg["eval"]["interval"]),
+                              samples_per_source=int(cfg["eval"]["samples_per_source"]),
+                              reference_routing=str(cfg["eval"]["reference_routing"])),
+        user_config=cfg,
+    )

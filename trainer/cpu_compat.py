@@ -1,0 +1,167 @@
+"""CPU adaptations of torchtitan 0.3.0 on torch 2.13.0, in one place.
+
+torchtitan assumes an accelerator. On a machine without CUDA, :func:`apply` patches the few
+spots that break, all of them *module attributes* (nothing is copied or forked), and the
+trainer switches a handful of config values (:func:`adapt_config`). On CUDA :func:`apply` is a
+no-op and configs run unchanged.
+
+The known problems (letters as in the trainer issue):
+
+(a) ``tools/utils.py`` defaults the device type to ``cuda``      -> device type ``cpu``
+(b) ``components/metrics.py`` calls memory/device-name APIs that ``torch.cpu`` lacks
+                                                                  -> :class:`CpuDeviceModule`
+(c) ``models/common/token_dispatcher.py`` imports ``triton`` through
+    ``distributed/minimal_async_ep/kernels.py``                   -> stub kernels module
+(d) ``distributed/utils.set_pg_timeouts`` calls ``barrier(device_ids=[...])`` and
+    ``torch.distributed.set_timeout`` (absent in 2.13.0)          -> plain barrier, no-op
+(e) flex attention has no CPU backward                            -> SDPA (configs choose it)
+(f) FSDP needs ``spmd_backend="partial_dtensor"``                 -> :func:`adapt_config`
+(g) Gloo rejects ``ReduceOp.PREMUL_SUM`` from the divide factor 1.0
+                                                                  -> force SUM reductions
+(h) EP requires ``training.disable_cuda_graphs``                  -> :func:`adapt_config`
+(i) DTensor random init on CPU fills every rank's shard identically (experts become copies)
+                                                                  -> ``trainer.init_guard``
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_APPLIED: list[bool] = []  # set once per process; a list so no `global` statement is needed
+
+
+def cuda_present() -> bool:
+    return torch.cuda.is_available()
+
+
+@dataclass
+class _CpuProperties:
+    total_memory: int
+    name: str = "cpu"
+
+
+class CpuDeviceModule:
+    """``torch.cpu`` plus the memory/device calls torchtitan's metrics make (b)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cpu, name)
+
+    def get_device_name(self, device: Any = None) -> str:
+        return "cpu"
+
+    def current_device(self) -> int:
+        return 0
+
+    def device_count(self) -> int:
+        return 1
+
+    def set_device(self, device: Any) -> None:
+        return None
+
+    def get_device_properties(self, device: Any = None) -> _CpuProperties:
+        try:
+            import os
+
+            mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            mem = 1 << 30
+        return _CpuProperties(total_memory=int(mem))
+
+    def reset_peak_memory_stats(self, device: Any = None) -> None:
+        return None
+
+    def empty_cache(self) -> None:
+        return None
+
+    def memory_stats(self, device: Any = None) -> dict[str, int]:
+        return {}
+
+    def synchronize(self, device: Any = None) -> None:
+        return None
+
+
+def _stub_triton_kernels() -> None:
+    """(c): the minimal-async-EP kernels need triton; they are never used on CPU."""
+    name = "torchtitan.distributed.minimal_async_ep.kernels"
+    if name in sys.modules:
+        return
+    stub = types.ModuleType(name)
+
+    def _unavailable(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("minimal_async_ep kernels need triton/CUDA")
+
+    for kernel in (
+        "copy_full_counts_to_peers_kernel",
+        "copy_rows_to_peers_kernel",
+        "expand_topk_grad_kernel",
+        "fill_combine_metadata_kernel",
+        "fill_dispatch_metadata_kernel",
+        "invert_flat_indices_kernel",
+        "reduce_topk_slots_kernel",
+        "topk_scores_grad_kernel",
+    ):
+        setattr(stub, kernel, _unavailable)
+    sys.modules[name] = stub
+
+
+def _set_pg_timeouts_cpu(timeout: Any, parallel_dims: Any) -> None:
+    """(d): the stock version passes ``device_ids`` to a gloo barrier and calls
+    ``torch.distributed.set_timeout``; on CPU a plain barrier is all that is needed."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def apply() -> bool:
+    """Patch torchtitan for CPU when no CUDA device is present. Idempotent.
+    Returns True when the CPU adaptations are active."""
+    if cuda_present():
+        return False
+    if _APPLIED:
+        return True
+    _stub_triton_kernels()
+    import torchtitan.tools.utils as tt_utils
+
+    cpu_module = CpuDeviceModule()
+    tt_utils.device_type = "cpu"  # (a)
+    tt_utils.device_module = cpu_module
+    import torchtitan.components.metrics as tt_metrics
+    import torchtitan.distributed.parallel_dims as tt_parallel_dims
+    import torchtitan.distributed.utils as tt_dist_utils
+    import torchtitan.models.common.token_dispatcher as tt_dispatcher
+    import torchtitan.tools.profiler as tt_profiler
+
+    for module in (tt_metrics, tt_dist_utils, tt_dispatcher, tt_parallel_dims, tt_profiler):
+        if hasattr(module, "device_type"):
+            module.device_type = "cpu"
+        if hasattr(module, "device_module"):
+            module.device_module = cpu_module  # (b)
+    tt_metrics.DeviceMemoryMonitor.__init__.__defaults__ = ("cpu:0",)
+    tt_dist_utils.set_pg_timeouts = _set_pg_timeouts_cpu  # (d)
+    _APPLIED.append(True)
+    return True
+
+
+def adapt_config(training: Any, parallelism: Any) -> None:
+    """(f), (h): CPU values of a ``TrainingConfig``/``ParallelismConfig`` (set before the
+    ``Trainer.Config`` is built, whose validation needs them); no-op with CUDA."""
+    if cuda_present():
+        return
+    parallelism.spmd_backend = "partial_dtensor"  # (f)
+    training.disable_cuda_graphs = True  # (h)
+
+
+def force_sum_reductions(model: torch.nn.Module) -> None:
+    """(g): with a gradient divide factor of 1.0 FSDP would reduce with PREMUL_SUM, which gloo
+    rejects; plain SUM gives the same result."""
+    if cuda_present():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_force_sum_reduction_for_comms(True)

@@ -1,0 +1,343 @@
+"""``CptTrainer``: torchtitan's ``Trainer`` plus what the study needs.
+
+Additions (each a small override of a torchtitan extension point):
+* router aux/z losses added to the LM loss (``_forward_backward_body``);
+* per-document attention masks for the SDPA backend (``post_dataloading_process``);
+* seeded unsharded init + the experts-differ guard (CPU init bug);
+* CPT phase: start from a parent run's checkpoint (weights, optionally optimizer) with a fresh
+  LR schedule, the parent recorded in ``run.json``;
+* per-step JSONL (``steps.jsonl``) and per-eval metrics (``metrics.jsonl``, TensorBoard);
+* global data accounting (tokens per source, a DP-layout-independent data fingerprint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import spmd_types as spmd
+import torch
+from torchtitan.components.dataloader import DataloaderExhaustedError
+from torchtitan.distributed import utils as dist_utils
+from torchtitan.trainer import Trainer
+
+from cpt.errors import ConfigError
+from trainer import cpu_compat, init_guard
+from trainer.attention import DocumentSDPA, document_causal_mask
+from trainer.evaluation import EvalResult, evaluate, routing_change
+from trainer.routers import collect_router_losses
+from trainer.run_record import new_run_id, read_run_record, write_run_record
+
+
+@dataclass
+class RunConfig:
+    run_id: str = ""
+    phase: str = "pretrain"  # pretrain | cpt
+    parent_run_dir: str = ""  # cpt: output folder of the run to continue from
+    parent_step: int = -1  # cpt: checkpoint step of the parent (-1 = latest)
+    load_optimizer: bool = False  # cpt: also restore the parent's optimizer state
+    init_from_full: bool = True  # seeded unsharded init (guards the CPU DTensor init bug)
+    fail_at_step: int = 0  # testing: exit abruptly right after this step
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 0  # 0 = only at start and end
+    samples_per_source: int = 4
+    reference_routing: str = ""  # .npz of a reference routing; default: this run's start
+
+
+def latest_step(checkpoint_dir: Path) -> int:
+    steps = [int(p.name.split("-")[1]) for p in checkpoint_dir.glob("step-*")
+             if p.name.split("-")[1].isdigit() and (p / ".metadata").exists()]
+    return max(steps) if steps else -1
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+class CptTrainer(Trainer):
+    @dataclass(kw_only=True, slots=True)
+    class Config(Trainer.Config):
+        run: RunConfig = field(default_factory=RunConfig)
+        evaluation: EvalConfig = field(default_factory=EvalConfig)
+        user_config: dict = field(default_factory=dict)  # the config as the user wrote it
+
+    config: Config
+
+    def __init__(self, config: Config) -> None:
+        cpu_compat.apply()
+        cpu_compat.adapt_config(config.training, config.parallelism)
+        config.dataloader.global_batch_size = config.training.global_batch_size  # type: ignore[attr-defined]
+        own_ckpt = Path(config.dump_folder) / config.checkpoint.folder
+        self._resuming = latest_step(own_ckpt) >= 0
+        self._parent: dict[str, Any] = {}
+        if config.run.phase == "cpt":
+            self._setup_cpt(config)
+        super().__init__(config)
+        model = self.model_parts[0]
+        if config.run.init_from_full and not self._resuming:
+            init_guard.init_from_full(model, self.model_config, config.debug.seed or 0)
+        self.experts_distinct = init_guard.experts_distinct(model)
+        if not self.experts_distinct:
+            raise RuntimeError(
+                "experts are identical after init (DTensor CPU init bug); "
+                "set run.init_from_full=true"
+            )
+        first_attention = getattr(self.model_config, "first_attention", None)
+        self._doc_mask = isinstance(
+            getattr(first_attention, "inner_attention", None), DocumentSDPA.Config
+        )
+        if config.run.phase == "cpt" and not self._resuming and config.run.load_optimizer:
+            self.checkpointer.exclude_from_loading = ["dataloader", "lr_scheduler", "train_state"]
+        self._router_stats: list[dict[str, float]] = []
+        self._tokens_per_source = np.zeros(self.dataloader.num_sources, dtype=np.int64)
+        self._checkpoints: list[int] = []
+        self._out = Path(config.dump_folder)
+        self._tb: Any = None
+
+    # ---- setup helpers -------------------------------------------------------------------
+    def _setup_cpt(self, config: Config) -> None:
+        parent = Path(config.run.parent_run_dir)
+        if not parent.is_dir():
+            raise ConfigError(f"run.parent_run_dir {parent} does not exist")
+        ckpt_dir = parent / config.checkpoint.folder
+        step = config.run.parent_step if config.run.parent_step >= 0 else latest_step(ckpt_dir)
+        path = ckpt_dir / f"step-{step}"
+        if step < 0 or not path.is_dir():
+            raise ConfigError(f"no checkpoint step-{step} under {ckpt_dir}")
+        config.checkpoint.enable = True
+        config.checkpoint.initial_load_path = str(path)
+        config.checkpoint.initial_load_model_only = not config.run.load_optimizer
+        record = read_run_record(parent)
+        self._parent = {"run_id": record.get("run_id", ""), "run_dir": str(parent),
+                        "checkpoint": str(path), "step": step,
+                        "load_optimizer": config.run.load_optimizer}
+
+    # ---- torchtitan overrides ------------------------------------------------------------
+    def post_dataloading_process(self, input_dict: dict[str, torch.Tensor], labels: torch.Tensor):
+        inputs, labels, extra = super().post_dataloading_process(input_dict, labels)
+        if self._doc_mask and extra.get("positions") is not None:
+            extra["attention_masks"] = document_causal_mask(extra["positions"])
+        return inputs, labels, extra
+
+    def _forward_backward_body(self, inputs, labels, global_valid_tokens, extra_kwargs):
+        model = self.model_parts[0]
+        with self.train_context():
+            pred = model(inputs, **extra_kwargs)
+            loss_kwargs = {}
+            if "positions" in extra_kwargs:
+                loss_kwargs["positions"] = extra_kwargs["positions"]
+            loss, _ = self.loss_fn(pred, labels, global_valid_tokens, **loss_kwargs)
+            del pred
+            router_loss, stats = collect_router_losses(model)
+            total = loss
+            if router_loss is not None:
+                # token-weighted mean over ranks/microbatches, like the LM loss
+                total = loss + router_loss * (labels.numel() / global_valid_tokens)
+                self._router_stats.append(stats)
+            with spmd.no_typecheck():
+                total.backward()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(),
+                "tokens_per_source": torch.from_numpy(self._tokens_per_source.copy())}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if "tokens_per_source" in state_dict:
+            self._tokens_per_source = state_dict["tokens_per_source"].numpy().astype(np.int64)
+
+    # ---- data accounting -----------------------------------------------------------------
+    def _reduce_data_counters(self) -> tuple[np.ndarray, int]:
+        loader = self.dataloader
+        local = np.concatenate([loader.tokens_per_source, [loader.fingerprint]])
+        loader.tokens_per_source[:] = 0
+        loader.fingerprint = 0
+        t = torch.from_numpy(local.astype(np.int64))
+        if self.parallel_dims.dp_enabled:
+            torch.distributed.all_reduce(t, group=self.parallel_dims.get_mesh("batch").get_group())
+        values = t.numpy()
+        return values[:-1], int(values[-1])
+
+    # ---- evaluation ----------------------------------------------------------------------
+    def _val_batches(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        source = self.dataloader.source
+        n = self.config.evaluation.samples_per_source
+        batches = {}
+        for i, name in enumerate(source.source_names):
+            samples = source.validation_samples(i, n)
+            tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples])).to(self.device)
+            positions = torch.from_numpy(np.stack([s["positions"] for s in samples])).to(self.device)
+            batches[name] = (tokens, positions)
+        return batches
+
+    def _eval_kwargs(self, positions: torch.Tensor) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"positions": positions}
+        if self._doc_mask:
+            kwargs["attention_masks"] = document_causal_mask(positions)
+        return kwargs
+
+    def _evaluate(self) -> EvalResult:
+        return evaluate(self.model_parts[0], self._val_batches(), self._eval_kwargs)
+
+    def _save_routing(self, result: EvalResult, step: int) -> None:
+        if _rank() == 0 and result.routing:
+            folder = self._out / "routing"
+            folder.mkdir(parents=True, exist_ok=True)
+            np.savez(folder / f"step-{step}.npz", **result.routing)
+
+    # ---- logging -------------------------------------------------------------------------
+    def _append_jsonl(self, name: str, record: dict[str, Any]) -> None:
+        if _rank() != 0:
+            return
+        with open(self._out / name, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _tensorboard(self, record: dict[str, Any], step: int) -> None:
+        if _rank() != 0:
+            return
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tb = False
+                return
+            self._tb = SummaryWriter(str(self._out / "tb"))
+        if self._tb:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+
+    def _write_record(self, start_step: int, status: str) -> None:
+        if _rank() != 0:
+            return
+        previous = read_run_record(self._out)
+        cfg = self.config
+        record = {
+            "run_id": self._run_id,
+            "phase": cfg.run.phase,
+            "parent_run_id": self._parent.get("run_id") or previous.get("parent_run_id", ""),
+            "parent": self._parent or previous.get("parent", {}),
+            "config": cfg.user_config,
+            "model": {"flavor": cfg.model_spec.flavor if cfg.model_spec else ""},
+            "data": self.dataloader.describe(),
+            "start_step": previous.get("start_step", start_step),
+            "segments": previous.get("segments", [])
+            + ([] if status != "running" else [{"start_step": start_step,
+                                                 "world_size": torch.distributed.get_world_size()}]),
+            "end_step": self.step,
+            "status": status,
+            "tokens_per_source": dict(zip(self.dataloader.source.source_names,
+                                          (int(x) for x in self._tokens_per_source), strict=True)),
+            "checkpoints": sorted(set(previous.get("checkpoints", [])) | set(self._checkpoints)),
+            "experts_distinct_after_init": self.experts_distinct,
+            "cpu_compat": not cpu_compat.cuda_present(),
+        }
+        if status != "running":
+            record["segments"] = previous.get("segments", [])
+        write_run_record(self._out, record)
+
+    # ---- the loop ------------------------------------------------------------------------
+    def train(self) -> None:  # noqa: C901 - mirrors torchtitan's loop
+        cfg = self.config
+        self._out.mkdir(parents=True, exist_ok=True)
+        previous = read_run_record(self._out)
+        self._run_id = previous.get("run_id") or cfg.run.run_id or new_run_id()
+        self.checkpointer.load(step=cfg.checkpoint.load_step)
+        if cfg.run.phase == "cpt" and not self._resuming and cfg.run.load_optimizer:
+            for sched in self.lr_schedulers.schedulers:  # optimizer load restored parent LRs
+                for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr(), strict=True):
+                    group["lr"] = lr
+        start_step = self.step
+        self._write_record(start_step, "running")
+
+        reference = None
+        if cfg.evaluation.reference_routing:
+            with np.load(cfg.evaluation.reference_routing) as ref:
+                reference = {k: ref[k] for k in ref.files}
+        result = self._evaluate()
+        self._save_routing(result, self.step)
+        if reference is None:
+            reference = result.routing
+        self._log_eval(result, reference, train_window=None)
+
+        data_iterator = self.batch_generator(self.dataloader)
+        window: list[dict[str, Any]] = []
+        while self.should_continue_training():
+            self.step += 1
+            self.gc_handler.run(self.step)
+            t0 = time.perf_counter()
+            try:
+                self.train_step(data_iterator)
+            except DataloaderExhaustedError:
+                break
+            tokens, fingerprint = self._reduce_data_counters()
+            self._tokens_per_source += tokens
+            step_record = {"step": self.step, **self.metrics_processor.last,
+                           "wall_s": time.perf_counter() - t0,
+                           "data_fingerprint": fingerprint,
+                           "tokens": int(tokens.sum())}
+            if self._router_stats:
+                for key in ("aux_loss", "z_loss"):
+                    step_record[key] = float(np.mean([s[key] for s in self._router_stats]))
+                self._router_stats.clear()
+            window.append(step_record)
+            self._append_jsonl("steps.jsonl", step_record)
+            if self.checkpointer.save(self.step, last_step=(self.step == cfg.training.steps)):
+                self._checkpoints.append(self.step)
+            is_last = self.step == cfg.training.steps
+            if is_last or (cfg.evaluation.interval and self.step % cfg.evaluation.interval == 0):
+                result = self._evaluate()
+                self._save_routing(result, self.step)
+                self._log_eval(result, reference, train_window=window)
+                window = []
+            self._write_record(start_step, "running")
+            if self.step - start_step == 1:
+                dist_utils.set_pg_timeouts(
+                    timeout=timedelta(seconds=cfg.comm.train_timeout_seconds),
+                    parallel_dims=self.parallel_dims,
+                )
+            if cfg.run.fail_at_step and self.step == cfg.run.fail_at_step:
+                os._exit(17)  # simulated crash: no cleanup, no final checkpoint
+        self._write_record(start_step, "finished")
+        if self._tb:
+            self._tb.close()
+
+    def _log_eval(
+        self, result: EvalResult, reference: dict[str, np.ndarray] | None,
+        train_window: list[dict[str, Any]] | None,
+    ) -> None:
+        record: dict[str, Any] = {"step": self.step, **result.metrics()}
+        if reference is not None and result.routing:
+            for k, v in routing_change(result.routing, reference).items():
+                record[f"routing_change/{k}"] = v
+        if train_window:
+            keys = ("loss", "aux_loss", "z_loss", "tokens_per_s_per_rank", "step_time_s",
+                    "data_wait_pct")
+            for key in keys:
+                vals = [r[key] for r in train_window if key in r]
+                if vals:
+                    record[f"train/{key}"] = float(np.mean(vals))
+            lr = [v for k, v in train_window[-1].items() if k.startswith("lr/")]
+            if lr:
+                record["train/lr"] = lr[0]
+        self._append_jsonl("metrics.jsonl", record)
+        self._tensorboard(record, self.step)
+        if _rank() == 0:
+            brief = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()
+                     if not isinstance(v, list)}
+            print(f"[eval] {brief}", flush=True)
+
+
+def config_summary(config: CptTrainer.Config) -> dict[str, Any]:
+    return {"run": asdict(config.run), "evaluation": asdict(config.evaluation)}

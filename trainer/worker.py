@@ -1,0 +1,40 @@
+"""The per-process entry point (what ``torchrun`` runs): ``python -m trainer CONFIG [k=v ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from trainer.config import load_config, to_trainer_config
+
+
+def run_worker(config_path: str | None, overrides: Sequence[str]) -> int:
+    from torchtitan.tools.logging import init_logger
+
+    init_logger()
+    cfg = load_config(config_path, list(overrides))
+    trainer_config = to_trainer_config(cfg)
+    trainer = trainer_config.build()
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer",
+                                     description="one training process (run under torchrun)")
+    parser.add_argument("config", nargs="?", help="YAML run config")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    args = parser.parse_args(argv)
+    return run_worker(args.config, args.overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
