@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,9 +34,13 @@ def stderr_to_file(path: str) -> Iterator[TextIO]:
     os.dup2(fd, 2)
     os.close(fd)
     console_stream = os.fdopen(os.dup(saved), "w", buffering=1)
+    saved_stream = sys.stderr
+    sys.stderr = open(path, "a", buffering=1)  # Python-level writers (loguru adds sys.stderr late)
     try:
         yield console_stream
     finally:
+        sys.stderr.close()
+        sys.stderr = saved_stream
         os.dup2(saved, 2)
         os.close(saved)
         console_stream.close()

@@ -7,10 +7,12 @@ count the record as skipped (``on_bad_record: skip``, counted in the build stats
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Iterator
 
 import orjson
+import zstandard
 from datatrove.data import Document
 from datatrove.pipeline.readers import JsonlReader, ParquetReader
 from datatrove.pipeline.readers.base import BaseDiskReader
@@ -75,6 +77,8 @@ class StrictJsonlReader(_StrictMixin, JsonlReader):
     def read_file(self, filepath: str) -> Iterator[Document]:
         rank = getattr(self, "_rank", 0)
         with self.data_folder.open(filepath, "rb", compression=self.compression) as f:
+            if not hasattr(f, "readline") or isinstance(f, zstandard.ZstdDecompressionReader):
+                f = io.BufferedReader(f)  # zstd streams are not line-iterable by themselves
             for li, raw in enumerate(f, start=1):
                 self.report_progress(len(raw), rank)
                 if not raw.strip():
