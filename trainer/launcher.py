@@ -10,18 +10,19 @@ from collections.abc import Sequence
 from trainer.config import load_config
 
 
-def torchrun_command(config_path: str | None, overrides: Sequence[str], nproc: int,
-                     master_port: int = 0) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-           "--nproc-per-node", str(nproc), "--local-ranks-filter", "0"]
-    cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{master_port}"]
-    cmd += ["-m", "trainer"]
+def torchrun_command(config_path: str | None, overrides: Sequence[str], nproc: int) -> list[str]:
+    """Single-node ``torchrun`` (``--standalone`` picks a free rendezvous port)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc-per-node", str(nproc), "--local-ranks-filter", "0", "-m", "trainer"]
     if config_path:
         cmd.append(str(config_path))
     return cmd + list(overrides)
 
 
-def launch(config_path: str | None, overrides: Sequence[str], *, dry_run: bool = False) -> int:
+def launch(config_path: str | None, overrides: Sequence[str], *, dry_run: bool = False,
+           log_path: str | None = None) -> int:
+    """Run the training job; returns torchrun's exit code. ``log_path``: also write the
+    processes' output there (stdout/stderr otherwise inherited)."""
     cfg = load_config(config_path, list(overrides))  # fail fast, before starting processes
     nproc = int(cfg["parallel"]["nproc"])
     cmd = torchrun_command(config_path, overrides, nproc)
@@ -30,4 +31,7 @@ def launch(config_path: str | None, overrides: Sequence[str], *, dry_run: bool =
         return 0
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(cmd, env=env)
+    if log_path is None:
+        return subprocess.call(cmd, env=env)
+    with open(log_path, "w") as log:
+        return subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)

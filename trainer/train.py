@@ -83,7 +83,7 @@ class CptTrainer(Trainer):
             self._setup_cpt(config)
         super().__init__(config)
         model = self.model_parts[0]
-        if config.run.init_from_full and not self._resuming:
+        if config.run.init_from_full:  # also when resuming: the checkpoint overwrites it
             init_guard.init_from_full(model, self.model_config, config.debug.seed or 0)
         self.experts_distinct = init_guard.experts_distinct(model)
         if not self.experts_distinct:
@@ -232,9 +232,7 @@ class CptTrainer(Trainer):
             "model": {"flavor": cfg.model_spec.flavor if cfg.model_spec else ""},
             "data": self.dataloader.describe(),
             "start_step": previous.get("start_step", start_step),
-            "segments": previous.get("segments", [])
-            + ([] if status != "running" else [{"start_step": start_step,
-                                                 "world_size": torch.distributed.get_world_size()}]),
+            "segments": self._segments,
             "end_step": self.step,
             "status": status,
             "tokens_per_source": dict(zip(self.dataloader.source.source_names,
@@ -243,8 +241,6 @@ class CptTrainer(Trainer):
             "experts_distinct_after_init": self.experts_distinct,
             "cpu_compat": not cpu_compat.cuda_present(),
         }
-        if status != "running":
-            record["segments"] = previous.get("segments", [])
         write_run_record(self._out, record)
 
     # ---- the loop ------------------------------------------------------------------------
@@ -259,6 +255,11 @@ class CptTrainer(Trainer):
                 for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr(), strict=True):
                     group["lr"] = lr
         start_step = self.step
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self._segments = previous.get("segments", []) + [
+            {"start_step": start_step, "world_size": world,
+             "dp_size": self.parallel_dims.dp_shard * self.parallel_dims.dp_replicate,
+             "ep_size": self.parallel_dims.ep}]
         self._write_record(start_step, "running")
 
         reference = None
