@@ -53,13 +53,15 @@ class TokenizeToShards(PipelineStep):
         for batch in _batches(data, ENCODE_BATCH):
             with self.track_time("batch"):
                 encodings = tok.encode_batch_fast([d.text for d in batch], add_special_tokens=False)
+                n_tokens = 0
                 for doc, enc in zip(batch, encodings, strict=True):
                     ids = enc.ids
                     ids.append(eos)
-                    tokens = np.array(ids, dtype=dtype)
-                    writer.add(tokens, doc.id, doc.metadata.get("file_path", ""), content_hash(doc.text))
-                    self.stat_update("documents")
-                    self.stat_update("tokens", value=len(tokens))
+                    n_tokens += len(ids)
+                    writer.add(np.array(ids, dtype=dtype), doc.id, doc.metadata.get("file_path", ""),
+                               content_hash(doc.text))
+                self.stat_update("documents", value=len(batch), unit="batch")
+                self.stat_update("tokens", value=n_tokens, unit="batch")
         shards, index_rel = writer.close()
         result = {"rank": rank, "shards": [s.to_json() for s in shards], "index": index_rel}
         fs.makedirs(join(root, "results"), exist_ok=True)
