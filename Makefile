@@ -38,6 +38,9 @@ bench: bench-corpus bench-mixer bench-train ## all benchmarks
 bench-corpus: $(STAMP) ## tokens/s of the corpus pipeline vs raw tokenizers vs datatrove
 	$(PY) -m cpt.cli bench corpus
 
+bench-train: $(STAMP) ## tokens/s of our trainer vs torchtitan's qwen3 MoE debug model
+	$(PY) -m trainer.bench
+
 s3: $(STAMP) ## start a local S3 endpoint on 127.0.0.1:9000 (foreground)
 	$(PY) -m infra.local_s3 --port 9000
 
