@@ -33,7 +33,7 @@ test-fast: $(STAMP) ## run the tests without the slow end-to-end ones
 lint: $(STAMP) ## ruff
 	$(PY) -m ruff check .
 
-bench: bench-corpus bench-mixer bench-train ## all benchmarks
+bench: bench-corpus bench-train ## all benchmarks
 
 bench-corpus: $(STAMP) ## tokens/s of the corpus pipeline vs raw tokenizers vs datatrove
 	$(PY) -m cpt.cli bench corpus
