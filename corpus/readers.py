@@ -66,13 +66,17 @@ class _StrictMixin:
         return Document(text=text, id=str(doc_id), metadata=meta)
 
 
-class StrictJsonlReader(_StrictMixin, JsonlReader):
-    name = "🐿 Jsonl (strict)"
+class _RecordReaderMixin(_StrictMixin):
+    """Constructor shared by the record-oriented readers (JSONL, Parquet)."""
 
     def __init__(self, data_folder, glob_pattern: str | None, text_key: str, id_key: str,
                  on_bad_record: str, progress_path: str | None = None):
         super().__init__(data_folder, glob_pattern=glob_pattern, text_key=text_key, id_key=id_key)
         self._setup_strict(on_bad_record, progress_path)
+
+
+class StrictJsonlReader(_RecordReaderMixin, JsonlReader):
+    name = "🐿 Jsonl (strict)"
 
     def read_file(self, filepath: str) -> Iterator[Document]:
         rank = getattr(self, "_rank", 0)
@@ -104,13 +108,8 @@ class StrictJsonlReader(_StrictMixin, JsonlReader):
                     yield doc
 
 
-class StrictParquetReader(_StrictMixin, ParquetReader):
+class StrictParquetReader(_RecordReaderMixin, ParquetReader):
     name = "📒 Parquet (strict)"
-
-    def __init__(self, data_folder, glob_pattern: str | None, text_key: str, id_key: str,
-                 on_bad_record: str, progress_path: str | None = None):
-        super().__init__(data_folder, glob_pattern=glob_pattern, text_key=text_key, id_key=id_key)
-        self._setup_strict(on_bad_record, progress_path)
 
     def read_file(self, filepath: str) -> Iterator[Document]:
         import pyarrow.parquet as pq

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 
 import numpy as np
 import xxhash
-from datatrove.data import Document, DocumentsPipeline
+from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
 from corpus.manifest import TokenizerInfo
 from corpus.shard_set import PackingConfig, ShardSetWriter
+from corpus.tokenizer import batched
 from cpt.fs import join, open_fs
 
 ENCODE_BATCH = 256
@@ -50,7 +50,7 @@ class TokenizeToShards(PipelineStep):
         dtype = self.info.np_dtype
         writer = ShardSetWriter(fs, root, f"part-{rank:05d}", dtype, self.packing)
         eos = self.info.eos_id
-        for batch in _batches(data, ENCODE_BATCH):
+        for batch in batched(data, ENCODE_BATCH):
             with self.track_time("batch"):
                 encodings = tok.encode_batch_fast([d.text for d in batch], add_special_tokens=False)
                 n_tokens = 0
@@ -70,13 +70,3 @@ class TokenizeToShards(PipelineStep):
         return
         yield  # a generator step that consumes its input
 
-
-def _batches(data: DocumentsPipeline, size: int) -> Iterator[list[Document]]:
-    batch: list[Document] = []
-    for doc in data:
-        batch.append(doc)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

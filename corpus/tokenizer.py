@@ -7,6 +7,7 @@ manifest so the mixer can refuse to blend datasets tokenized differently.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -15,6 +16,7 @@ from cpt.errors import ConfigError
 from cpt.fs import open_fs
 from cpt.hashing import sha256_hex
 
+T = TypeVar("T")
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]")
 DEFAULT_EOS = "<|endoftext|>"
 
@@ -72,14 +74,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int, eos_token: str = DEFAULT_EO
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_batched(texts), trainer=trainer)
+    tok.train_from_iterator(batched(texts), trainer=trainer)
     return tok.to_str().encode("utf-8")
 
 
-def _batched(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for t in texts:
-        batch.append(t)
+def batched(items: Iterable[T], size: int = 1000) -> Iterator[list[T]]:
+    """Lists of up to ``size`` consecutive items."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
         if len(batch) == size:
             yield batch
             batch = []
