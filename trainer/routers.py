@@ -16,6 +16,7 @@ the module (:attr:`CptRouter.aux_loss`, :attr:`CptRouter.z_loss`); the trainer a
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -89,7 +90,12 @@ class CptRouter(TokenChoiceTopKRouter):
     def forward(
         self, x_BLD: torch.Tensor, expert_bias_E: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with torch.autocast(device_type=x_BLD.device.type, dtype=torch.float32):
+        fp32_gate = (
+            torch.autocast(device_type="cuda", dtype=torch.float32)
+            if x_BLD.device.type == "cuda"
+            else contextlib.nullcontext()  # CPU autocast has no float32 mode
+        )
+        with fp32_gate:
             logits_BLE = self.gate(x_BLD)
         logits_BLE = logits_BLE.float()
         scores_BLE = F.softmax(logits_BLE, dim=-1)
