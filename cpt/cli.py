@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from cpt.errors import CptError
 
-# (module, required): optional stages are skipped when their package is not importable.
+# Stages whose package or cli module is absent are skipped.
 STAGE_CLI_MODULES: tuple[str, ...] = (
     "corpus.cli",
     "mixer.cli",
@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name == name:  # that stage is not built yet
-                continue
+            parts = name.split(".")
+            if exc.name in {".".join(parts[: i + 1]) for i in range(len(parts))}:
+                continue  # that stage is not built (yet) in this checkout
             raise
         module.register(sub)
     return parser
