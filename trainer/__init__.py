@@ -1,10 +1,11 @@
 """trainer: torchtitan-based dense/MoE training for the study (see docs/trainer.md).
 
-Importing the package applies the CPU adaptations of :mod:`trainer.cpu_compat` when no CUDA
-device is present: torchtitan's MoE modules import triton at import time, so the patch has to
-be in place before any ``torchtitan.models`` import.
+Importing the package registers a stub for torchtitan's triton kernels when triton is not
+installed (:func:`trainer.cpu_compat.stub_triton_kernels_if_missing`): torchtitan's MoE modules
+import them at import time. This is cheap (no torch import); the device patches of
+:mod:`trainer.cpu_compat` are applied by the trainer itself (``cpu_compat.apply()``).
 """
 
 from trainer import cpu_compat
 
-cpu_compat.apply()
+cpu_compat.stub_triton_kernels_if_missing()

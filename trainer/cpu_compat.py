@@ -25,17 +25,19 @@ The known problems (letters as in the trainer issue):
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 import types
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 _APPLIED: list[bool] = []  # set once per process; a list so no `global` statement is needed
 
 
 def cuda_present() -> bool:
+    import torch
+
     return torch.cuda.is_available()
 
 
@@ -49,6 +51,8 @@ class CpuDeviceModule:
     """``torch.cpu`` plus the memory/device calls torchtitan's metrics make (b)."""
 
     def __getattr__(self, name: str) -> Any:
+        import torch
+
         return getattr(torch.cpu, name)
 
     def get_device_name(self, device: Any = None) -> str:
@@ -65,8 +69,6 @@ class CpuDeviceModule:
 
     def get_device_properties(self, device: Any = None) -> _CpuProperties:
         try:
-            import os
-
             mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             mem = 1 << 30
@@ -85,10 +87,12 @@ class CpuDeviceModule:
         return None
 
 
-def _stub_triton_kernels() -> None:
-    """(c): the minimal-async-EP kernels need triton; they are never used on CPU."""
+def stub_triton_kernels_if_missing() -> None:
+    """(c): torchtitan's token dispatcher imports the minimal-async-EP triton kernels at import
+    time. Without triton they cannot load (and are never used); register a stub module whose
+    kernels raise if called. Cheap (no torch import): run from ``trainer/__init__.py``."""
     name = "torchtitan.distributed.minimal_async_ep.kernels"
-    if name in sys.modules:
+    if name in sys.modules or importlib.util.find_spec("triton") is not None:
         return
     stub = types.ModuleType(name)
 
@@ -112,8 +116,10 @@ def _stub_triton_kernels() -> None:
 def _set_pg_timeouts_cpu(timeout: Any, parallel_dims: Any) -> None:
     """(d): the stock version passes ``device_ids`` to a gloo barrier and calls
     ``torch.distributed.set_timeout``; on CPU a plain barrier is all that is needed."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def apply() -> bool:
@@ -123,7 +129,7 @@ def apply() -> bool:
         return False
     if _APPLIED:
         return True
-    _stub_triton_kernels()
+    stub_triton_kernels_if_missing()
     import torchtitan.tools.utils as tt_utils
 
     cpu_module = CpuDeviceModule()
@@ -155,7 +161,7 @@ def adapt_config(training: Any, parallelism: Any) -> None:
     training.disable_cuda_graphs = True  # (h)
 
 
-def force_sum_reductions(model: torch.nn.Module) -> None:
+def force_sum_reductions(model: Any) -> None:
     """(g): with a gradient divide factor of 1.0 FSDP would reduce with PREMUL_SUM, which gloo
     rejects; plain SUM gives the same result."""
     if cuda_present():

@@ -4,7 +4,8 @@ Each flavor is a ``Qwen3Model.Config`` assembled with torchtitan's public config
 wrapped in a :class:`ModelSpec` (:func:`model_spec`). Routers are swapped in through the
 config tree (``MoE.Config.router``), so torchtitan's parallelize/EP/FSDP code is used as is.
 
-Flavors: ``tiny_dense`` / ``tiny_moe`` (CPU tests), ``bench_moe`` (bench size),
+Flavors: ``tiny_dense`` / ``tiny_moe`` (CPU tests), ``bench_moe`` (small bench size),
+``tt_debug_moe`` (the shape of torchtitan's qwen3 ``debugmodel_moe``),
 ``dense_500m`` and ``moe_2b_a500m`` (study scale, GPU clusters).
 """
 
@@ -60,6 +61,9 @@ SHAPES: dict[str, Shape] = {
                       vocab_size=256, num_experts=8, top_k=2, moe_hidden=64),
     "bench_moe": Shape(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
                        vocab_size=2048, num_experts=8, top_k=2, moe_hidden=256),
+    # same shape as torchtitan's qwen3 "debugmodel_moe" (for trainer.bench)
+    "tt_debug_moe": Shape(dim=256, n_layers=8, n_heads=16, n_kv_heads=8, head_dim=128,
+                          vocab_size=2048, num_experts=64, top_k=8, moe_hidden=768),
     "dense_500m": Shape(dim=1024, n_layers=24, n_heads=16, n_kv_heads=8, head_dim=64,
                         vocab_size=151936, ffn_hidden=3072, max_seq_len=8192),
     "moe_2b_a500m": Shape(dim=1024, n_layers=24, n_heads=16, n_kv_heads=8, head_dim=64,

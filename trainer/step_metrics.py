@@ -16,6 +16,7 @@ class StepMetrics(MetricsProcessor):
     def __init__(self, config: Config, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.last: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
 
     def log(
         self,
@@ -53,3 +54,4 @@ class StepMetrics(MetricsProcessor):
             **{k: float(v) for k, v in (extra_metrics or {}).items()
                if isinstance(v, (int, float))},
         }
+        self.history.append({"step": step, **self.last})

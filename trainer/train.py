@@ -172,9 +172,12 @@ class CptTrainer(Trainer):
     def _val_batches(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         source = self.dataloader.source
         n = self.config.evaluation.samples_per_source
-        batches = {}
+        batches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        held_out = getattr(source, "validation_samples", None)
+        if held_out is None or n <= 0:  # a source without held-out batches: no val metrics
+            return batches
         for i, name in enumerate(source.source_names):
-            samples = source.validation_samples(i, n)
+            samples = held_out(i, n)
             tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples])).to(self.device)
             positions = torch.from_numpy(np.stack([s["positions"] for s in samples])).to(self.device)
             batches[name] = (tokens, positions)

@@ -14,6 +14,9 @@ from trainer.config import load_config, to_trainer_config
 def run_worker(config_path: str | None, overrides: Sequence[str]) -> int:
     from torchtitan.tools.logging import init_logger
 
+    from trainer import cpu_compat
+
+    cpu_compat.apply()  # before any torchtitan component reads the device type
     init_logger()
     cfg = load_config(config_path, list(overrides))
     trainer_config = to_trainer_config(cfg)
