@@ -65,11 +65,27 @@ def build_source(
             ) from exc
         if not cfg.blend:
             raise ConfigError("data.kind=mixer needs data.blend (a blend spec file)")
-        return mixer_dataset.build_dataset(
-            cfg.blend, seq_len=seq_len, global_batch_size=global_batch_size,
-            rank=rank, world_size=world_size,
-        )
+        source = mixer_dataset.MixedDataset(cfg.blend, rank=rank, world_size=world_size)
+        if source.seq_len != seq_len:
+            raise ConfigError(f"blend {cfg.blend} has seq_len {source.seq_len} but "
+                              f"training.seq_len is {seq_len}")
+        if source.global_batch_size != global_batch_size:
+            raise ConfigError(f"blend {cfg.blend} has global batch size "
+                              f"{source.global_batch_size}; set training.global_batch_size="
+                              f"{source.global_batch_size}")
+        return source
     raise ConfigError(f"data.kind must be 'synthetic' or 'mixer', not {cfg.kind!r}")
+
+
+def rebase_positions(positions: torch.Tensor) -> torch.Tensor:
+    """Make each window's leading document fragment start at position 0.
+
+    A document continuing from the previous window arrives with positions that do not start at
+    0 (they may exceed the model's RoPE table, sized to ``seq_len``). RoPE is relative, so
+    shifting the fragment to start at 0 changes nothing else; later documents already do.
+    """
+    starts = torch.cumsum((positions == 0).to(torch.int32), dim=-1)
+    return positions - torch.where(starts == 0, positions[..., :1], torch.zeros_like(positions))
 
 
 def sample_hash(tokens: torch.Tensor) -> int:
@@ -119,7 +135,8 @@ class CptDataLoader(BaseDataLoader):
             start = time.perf_counter()
             items = [next(self._iter) for _ in range(self.local_batch_size)]
             tokens = torch.from_numpy(np.stack([it["tokens"] for it in items]))
-            positions = torch.from_numpy(np.stack([it["positions"] for it in items]))
+            positions = rebase_positions(
+                torch.from_numpy(np.stack([it["positions"] for it in items])))
             sources = np.array([it["source"] for it in items], dtype=np.int64)
             np.add.at(self.tokens_per_source, sources, self.seq_len)
             self.last_sources = sources
@@ -136,5 +153,12 @@ class CptDataLoader(BaseDataLoader):
 
     def describe(self) -> dict[str, Any]:
         describe = getattr(self.source, "describe", None)
-        info = describe() if describe else {"kind": type(self.source).__name__}
+        if describe is not None:
+            info = describe()
+        else:
+            info = {"kind": type(self.source).__name__, "source_names": self.source.source_names,
+                    "seq_len": self.source.seq_len}
+            for attr in ("source_versions", "global_batch_size"):
+                if hasattr(self.source, attr):
+                    info[attr] = getattr(self.source, attr)
         return {**info, "state": self.state_dict()["source"]}

@@ -30,6 +30,7 @@ from torchtitan.trainer import Trainer
 from cpt.errors import ConfigError
 from trainer import cpu_compat, init_guard
 from trainer.attention import DocumentSDPA, document_causal_mask
+from trainer.data import rebase_positions
 from trainer.evaluation import EvalResult, evaluate, routing_change
 from trainer.routers import collect_router_losses
 from trainer.run_record import new_run_id, read_run_record, write_run_record
@@ -179,7 +180,8 @@ class CptTrainer(Trainer):
         for i, name in enumerate(source.source_names):
             samples = held_out(i, n)
             tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples])).to(self.device)
-            positions = torch.from_numpy(np.stack([s["positions"] for s in samples])).to(self.device)
+            positions = rebase_positions(
+                torch.from_numpy(np.stack([s["positions"] for s in samples]))).to(self.device)
             batches[name] = (tokens, positions)
         return batches
 

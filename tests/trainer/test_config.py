@@ -48,9 +48,20 @@ def test_cli_registers_train_subcommand() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     cli.register(sub)
-    args = parser.parse_args(["train", "c.yaml", "training.steps=2", "--dry-run"])
+    args = parser.parse_args(["train", "--dry-run", "c.yaml", "training.steps=2"])
     assert args.config == "c.yaml" and args.overrides == ["training.steps=2"] and args.dry_run
     assert callable(args.func)
+
+
+def test_cli_dry_run_prints_torchrun_command(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", str(CONFIGS / "tiny_moe.yaml"), "training.steps=2",
+                              "--dry-run"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "torch.distributed.run" in out and "--nproc-per-node 2" in out
+    assert out.strip().endswith("training.steps=2")
 
 
 def test_torchrun_command() -> None:

@@ -11,7 +11,7 @@ import torch
 import trainer  # noqa: F401
 from cpt.errors import ConfigError
 from trainer.attention import document_causal_mask
-from trainer.data import CptDataLoader, build_source
+from trainer.data import CptDataLoader, build_source, rebase_positions
 from trainer.synthetic_data import EOS, SyntheticSource, sample
 
 
@@ -81,6 +81,13 @@ def test_mixer_kind_without_mixer_is_a_config_error(monkeypatch: pytest.MonkeyPa
     cfg = CptDataLoader.Config(kind="mixer", blend="blend.yaml")
     with pytest.raises(ConfigError, match="mixer not available"):
         build_source(cfg, seq_len=8, global_batch_size=2, rank=0, world_size=1)
+
+
+def test_rebase_positions_starts_continued_document_at_zero() -> None:
+    positions = torch.tensor([[70, 71, 72, 0, 1], [0, 1, 2, 3, 4]])
+    assert rebase_positions(positions).tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]
+    mask = document_causal_mask(rebase_positions(positions))[0, 0]
+    assert mask[2, :3].all() and not mask[3, :3].any()  # fragment and next doc stay apart
 
 
 def test_document_causal_mask() -> None:
