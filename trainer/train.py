@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -344,6 +344,3 @@ class CptTrainer(Trainer):
                      if not isinstance(v, list)}
             print(f"[eval] {brief}", flush=True)
 
-
-def config_summary(config: CptTrainer.Config) -> dict[str, Any]:
-    return {"run": asdict(config.run), "evaluation": asdict(config.evaluation)}
