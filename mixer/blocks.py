@@ -1,0 +1,325 @@
+"""Getting decoded blocks to the mixer: ranged reads with retries, a bounded disk cache shared by
+the processes of a node, a bounded in-memory cache, and read-ahead in threads.
+
+Order of lookup for a block: memory LRU -> disk cache (checksum re-verified) -> object store (one
+ranged GET, retried with exponential backoff on transient errors). Disk-cache fills take a
+per-block ``flock`` so that the ranks of a node download each block once, not once per rank.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from corpus.reader import BlockRef, DatasetVersion
+from cpt.errors import CptError, IntegrityError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Where and how much to cache; see docs/mixer.md."""
+
+    disk_dir: str | None = None  # None: no disk cache (memory only)
+    disk_bytes: int = 8 << 30  # hard bound of the disk cache (LRU eviction)
+    memory_bytes: int = 1 << 30  # bound on decoded blocks held in memory (+ read-ahead)
+    prefetch_threads: int = 4
+    prefetch_samples: int = 256  # how far ahead (in this worker's samples) blocks are fetched
+    retries: int = 5  # attempts per block before giving up
+    backoff_s: float = 0.2  # first retry delay; doubles each attempt (capped at 5 s)
+    verify: bool = True
+
+
+@dataclass
+class IOStats:
+    bytes_fetched: int = 0  # from the object store / source filesystem
+    bytes_disk_hits: int = 0
+    blocks_fetched: int = 0
+    blocks_disk_hits: int = 0
+    blocks_memory_hits: int = 0
+    retries: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **kw: int) -> None:
+        with self.lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+
+@dataclass
+class Block:
+    tokens: np.ndarray  # as stored (uint16/uint32)
+    positions: np.ndarray  # int32: position of each token inside its document
+    nbytes_stored: int  # compressed size (the ranged read)
+
+    @property
+    def nbytes(self) -> int:
+        return self.tokens.nbytes + self.positions.nbytes
+
+
+def doc_positions(n_tokens: int, doc_ends: np.ndarray) -> np.ndarray:
+    """Position of every token inside its document (restarts at 0 at each document start)."""
+    starts = np.concatenate([[0], np.asarray(doc_ends[:-1], dtype=np.int64)])
+    lengths = np.asarray(doc_ends, dtype=np.int64) - starts
+    return (np.arange(n_tokens, dtype=np.int64) - np.repeat(starts, lengths)).astype(np.int32)
+
+
+_TRANSIENT_NAMES = ("Timeout", "Connect", "Connection", "EndpointConnection", "ServerDisconnected",
+                    "ClientPayload", "ReadTimeout", "ResponseStreamingError", "IncompleteRead",
+                    "ProtocolError", "ClientOSError", "ServiceUnavailable", "SlowDown", "InternalError")
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, FileNotFoundError | PermissionError | IntegrityError):
+        return False
+    if isinstance(exc, OSError | TimeoutError | ConnectionError):
+        return True
+    names = [t.__name__ for t in type(exc).__mro__]
+    return any(any(n in name for n in _TRANSIENT_NAMES) for name in names)
+
+
+class DiskCache:
+    """Raw (compressed) block bytes under ``dir``, bounded by ``max_bytes`` (LRU by mtime)."""
+
+    def __init__(self, directory: str, max_bytes: int):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self._approx = self._scan_total()
+        self._lock = threading.Lock()
+
+    def _scan_total(self) -> int:
+        return sum(p.stat().st_size for p in self.dir.glob("*/*.blk"))
+
+    def path(self, version: str, ref: BlockRef) -> Path:
+        return self.dir / version / f"{ref.shard:05d}-{ref.block:06d}.blk"
+
+    def get(self, version: str, ref: BlockRef) -> bytes | None:
+        p = self.path(version, ref)
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            os.utime(p)
+        except OSError:
+            pass
+        return data
+
+    def drop(self, version: str, ref: BlockRef) -> None:
+        self.path(version, ref).unlink(missing_ok=True)
+
+    def put(self, version: str, ref: BlockRef, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        p = self.path(version, ref)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, p)
+        with self._lock:
+            self._approx += len(data)
+            if self._approx > self.max_bytes:
+                self._evict()
+
+    def _evict(self) -> None:
+        files = []
+        for f in self.dir.glob("*/*.blk"):
+            try:
+                st = f.stat()
+            except FileNotFoundError:
+                continue
+            files.append((st.st_mtime_ns, st.st_size, f))
+        total = sum(s for _, s, _ in files)
+        target = int(self.max_bytes * 0.9)
+        for _, size, f in sorted(files):
+            if total <= target:
+                break
+            f.unlink(missing_ok=True)
+            total -= size
+        self._approx = total
+
+    def lock(self, version: str, ref: BlockRef) -> _FileLock:
+        p = self.path(version, ref)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return _FileLock(p.with_suffix(".lock"))
+
+    def usage(self) -> int:
+        return self._scan_total()
+
+
+class _FileLock:
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self) -> _FileLock:
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+class BlockLoader:
+    """Decoded blocks of the blend's sources, with caches, retries and read-ahead."""
+
+    def __init__(self, sources: list[DatasetVersion], config: CacheConfig | None = None):
+        self.sources = sources
+        self.config = config or CacheConfig()
+        self.stats = IOStats()
+        self.disk = DiskCache(self.config.disk_dir, self.config.disk_bytes) if self.config.disk_dir else None
+        self._refs = [list(ds.block_refs()) for ds in sources]
+        self._mem: OrderedDict[tuple[int, int], Block] = OrderedDict()
+        self._mem_bytes = 0
+        self._inflight: dict[tuple[int, int], Future] = {}
+        self._lock = threading.RLock()  # re-entered when a done-callback runs inline
+        self._pool: ThreadPoolExecutor | None = None
+
+    # ---- public --------------------------------------------------------------------------
+    def block_nbytes(self, src: int, block: int) -> int:
+        ref = self._refs[src][block]
+        a, b = self.sources[src].block_record(ref).byte_range
+        return b - a
+
+    def get(self, src: int, block: int) -> Block:
+        key = (src, block)
+        with self._lock:
+            blk = self._mem.get(key)
+            if blk is not None:
+                self._mem.move_to_end(key)
+                self.stats.add(blocks_memory_hits=1)
+                return blk
+            fut = self._inflight.get(key)
+        if fut is not None:
+            blk = fut.result()
+        else:
+            blk = self._load(src, block)
+        self._remember(key, blk)
+        return blk
+
+    def prefetch(self, keys: list[tuple[int, int]]) -> None:
+        """Start loading these blocks in the background (bounded by the memory budget)."""
+        if self.config.prefetch_threads <= 0:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.config.prefetch_threads, thread_name_prefix="mixer-fetch")
+        budget = self.config.memory_bytes // 2
+        with self._lock:
+            inflight_bytes = sum(self._estimate(k) for k in self._inflight)
+            for key in keys:
+                if key in self._mem or key in self._inflight:
+                    continue
+                est = self._estimate(key)
+                if inflight_bytes + est > budget:
+                    break
+                inflight_bytes += est
+                fut = self._pool.submit(self._load, *key)
+                self._inflight[key] = fut
+                fut.add_done_callback(lambda f, k=key: self._done(k, f))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    # ---- internals -----------------------------------------------------------------------
+    def _estimate(self, key: tuple[int, int]) -> int:
+        src, block = key
+        rec = self.sources[src].block_record(self._refs[src][block])
+        return rec.n_tokens * (self.sources[src].dtype.itemsize + 4)
+
+    def _done(self, key: tuple[int, int], fut: Future) -> None:
+        with self._lock:
+            self._inflight.pop(key, None)
+        if fut.exception() is None and not fut.cancelled():
+            self._remember(key, fut.result())
+
+    def _remember(self, key: tuple[int, int], blk: Block) -> None:
+        with self._lock:
+            if key in self._mem:
+                self._mem.move_to_end(key)
+                return
+            self._mem[key] = blk
+            self._mem_bytes += blk.nbytes
+            while self._mem_bytes > self.config.memory_bytes // 2 and len(self._mem) > 1:
+                _, old = self._mem.popitem(last=False)
+                self._mem_bytes -= old.nbytes
+
+    def _load(self, src: int, block: int) -> Block:
+        ds = self.sources[src]
+        ref = self._refs[src][block]
+        if self.disk is None:
+            return self._fetch_decoded(ds, ref)[1]
+        with self.disk.lock(ds.version, ref):
+            raw = self.disk.get(ds.version, ref)
+            if raw is not None:
+                try:
+                    blk = self._decode(ds, ref, raw)
+                    self.stats.add(blocks_disk_hits=1, bytes_disk_hits=len(raw))
+                    return blk
+                except IntegrityError:
+                    log.warning("dropping corrupt cached copy of %s", ds.describe(ref))
+                    self.disk.drop(ds.version, ref)
+            raw, blk = self._fetch_decoded(ds, ref)
+            self.disk.put(ds.version, ref, raw)
+            return blk
+
+    def _decode(self, ds: DatasetVersion, ref: BlockRef, raw: bytes) -> Block:
+        tb = ds.decode_block(ref, raw, verify=self.config.verify)
+        return Block(tb.tokens, doc_positions(len(tb.tokens), tb.doc_ends), len(raw))
+
+    def _fetch_decoded(self, ds: DatasetVersion, ref: BlockRef) -> tuple[bytes, Block]:
+        """Fetch and decode; a block failing its checksum is read once more (a torn read), and
+        if it fails again the :class:`IntegrityError` naming it goes to the consumer."""
+        raw = self._fetch(ds, ref)
+        try:
+            return raw, self._decode(ds, ref, raw)
+        except IntegrityError:
+            self.stats.add(retries=1)
+            raw = self._fetch(ds, ref)
+            return raw, self._decode(ds, ref, raw)
+
+    def _fetch(self, ds: DatasetVersion, ref: BlockRef) -> bytes:
+        """One ranged read; transient errors are retried with exponential backoff."""
+        cfg = self.config
+        delay = cfg.backoff_s
+        attempts = max(1, cfg.retries)
+        last: BaseException | None = None
+        for attempt in range(1, attempts + 1):
+            try:
+                raw = ds.fetch_block_bytes(ref)
+                self.stats.add(bytes_fetched=len(raw), blocks_fetched=1)
+                return raw
+            except CptError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if not is_transient(exc):
+                    raise CptError(f"cannot read {ds.describe(ref)} from {ds.store.url}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+                last = exc
+                if attempt < attempts:
+                    self.stats.add(retries=1)
+                    log.warning("read of %s failed (%s), retry %d/%d in %.1fs", ds.describe(ref),
+                                type(exc).__name__, attempt, attempts - 1, delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        raise CptError(
+            f"cannot read {ds.describe(ref)} from {ds.store.url} after {attempts} attempts: "
+            f"{type(last).__name__}: {last}"
+        )

@@ -1,0 +1,124 @@
+"""PyTorch integration: a stateful ``IterableDataset`` over one data-parallel rank's samples.
+
+    ds = MixedDataset("blend.yaml", rank=r, world_size=w)
+    loader = torchdata.stateful_dataloader.StatefulDataLoader(
+        ds, batch_size=ds.loader_batch_size, num_workers=2)
+
+Each sample is a dict: ``tokens`` and ``positions`` (int64 arrays of ``seq_len + 1``),
+``source`` (index into :attr:`MixedDataset.source_names`) and provenance (``sample``: global
+sample index, ``index``: the source's sample index, ``epoch``, ``shard``, ``block``, ``offset``).
+The stream is the same whatever the number of loader workers, as long as the loader's
+``batch_size`` equals :attr:`loader_batch_size` (the workers deal chunks of that many samples).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import IterableDataset, get_worker_info
+
+from corpus.reader import DatasetVersion
+from mixer.blocks import CacheConfig
+from mixer.spec import ResolvedBlend, blend_from_json, open_sources, resolve
+from mixer.stream import MixState, MixStream, find_states, merge_states
+
+
+def open_blend(spec: str | Path | dict[str, Any] | ResolvedBlend) -> tuple[ResolvedBlend, list[DatasetVersion]]:
+    """A resolved blend and its opened sources, from a spec file, a spec/resolved dict or a blend."""
+    if isinstance(spec, ResolvedBlend):
+        return spec, open_sources(spec)
+    if isinstance(spec, dict) and spec.get("resolved"):
+        blend = blend_from_json(spec)
+        return blend, open_sources(blend)
+    return resolve(spec)
+
+
+class MixedDataset(IterableDataset):
+    """The mixer's stream for ``(rank, world_size)`` as a torch ``IterableDataset``."""
+
+    def __init__(
+        self,
+        spec: str | Path | dict[str, Any] | ResolvedBlend,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        cache: CacheConfig | None = None,
+        loader_batch_size: int | None = None,
+    ):
+        super().__init__()
+        self.blend, self._datasets = open_blend(spec)
+        self.rank = rank
+        self.world_size = world_size
+        self.cache = cache or CacheConfig()
+        self._stream: MixStream | None = None
+        probe = MixStream(self.blend, self._datasets, rank, world_size, CacheConfig(prefetch_threads=0))
+        self.local_batch_size = probe.local_batch
+        self.loader_batch_size = loader_batch_size or probe.local_batch
+        self._state = probe.initial_state()
+
+    # ---- contract --------------------------------------------------------------------------
+    @property
+    def source_names(self) -> list[str]:
+        return self.blend.names
+
+    @property
+    def source_versions(self) -> list[str]:
+        return [s.spec for s in self.blend.sources]
+
+    @property
+    def seq_len(self) -> int:
+        return self.blend.spec.seq_len
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.blend.spec.global_batch_size
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this dataset's iteration continues (< 1 KiB of integers)."""
+        return self._state.to_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Accepts a state of this dataset (any world size when taken at a step boundary), or a
+        whole ``StatefulDataLoader`` state, whose per-worker states are merged."""
+        found = find_states(state)
+        if len(found) > 1 and not state.get("mixer_state"):
+            state = merge_states(found)
+        elif found:
+            state = found[0]
+        s = MixState.from_dict(state)
+        stream = self._get_stream()
+        self._state = stream.check_state(s)
+
+    # ---- iteration -------------------------------------------------------------------------
+    def _get_stream(self) -> MixStream:
+        if self._stream is None:
+            self._stream = MixStream(self.blend, self._datasets, self.rank, self.world_size, self.cache)
+        return self._stream
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = (info.id, info.num_workers, self.loader_batch_size) if info else (0, 1, self.loader_batch_size)
+        stream = self._get_stream()
+        for sample, state in stream.samples(self._state, worker):
+            self._state = state
+            yield sample
+
+    def stats(self) -> dict[str, Any]:
+        """Samples/tokens per source delivered by this process, and I/O counters."""
+        s = self._get_stream()
+        return {
+            "samples_per_source": dict(zip(self.source_names, s.stats.samples_per_source, strict=True)),
+            "tokens_per_source": {n: c * self.seq_len for n, c in zip(self.source_names, s.stats.samples_per_source, strict=True)},
+            "bytes_consumed": int(s.stats.bytes_consumed),
+            **s.loader.stats.as_dict(),
+        }
+
+    def state_counts(self) -> dict[str, int]:
+        """Global samples served per source up to the step of the current state."""
+        return dict(zip(self.source_names, self._state.point.counts, strict=True))
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["_stream"] = None  # threads and caches are rebuilt in each worker
+        return d

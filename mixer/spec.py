@@ -1,0 +1,286 @@
+"""Blend specs: parse (YAML/TOML/dict), validate, and resolve refs to immutable version ids.
+
+A spec names its sources as ``dataset@ref`` in a store; :func:`resolve` opens every source once,
+pins the version id, checks that all sources share one tokenizer and can fill a sample, and
+returns a :class:`ResolvedBlend` whose JSON form is what a run records. The stream is a pure
+function of the resolved blend's :attr:`ResolvedBlend.fingerprint` (store URLs are not part of
+it: the same version read from a local folder or from S3 gives the same bytes).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from corpus.reader import DatasetVersion, open_dataset
+from corpus.store import parse_ref
+from cpt.errors import ConfigError, CptError
+from cpt.fs import dumps_canonical
+from cpt.hashing import sha256_hex
+from mixer.schedule import Knot, WeightSchedule
+
+ALGORITHM = "moe-cpt/mixer-v1"  # bump when the mapping spec -> stream changes
+MAX_SEQ_LEN = 1 << 20
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    name: str  # label used in weights, logs and provenance
+    dataset: str  # name@ref as written, or name@version once resolved
+    store: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class BlendSpec:
+    sources: tuple[SourceSpec, ...]
+    seq_len: int
+    global_batch_size: int
+    seed: int = 0
+    shuffle_blocks: int = 8  # blocks per shuffle window (windows are shuffled within it)
+    schedule: tuple[Knot, ...] = ()  # empty: constant weights from the sources
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def weight_schedule(self) -> WeightSchedule:
+        knots = list(self.schedule) or [Knot(0, tuple(s.weight for s in self.sources))]
+        return WeightSchedule(knots, self.names)
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    name: str
+    dataset: str
+    version: str
+    store: str
+    n_tokens: int
+    n_blocks: int
+
+    @property
+    def spec(self) -> str:
+        return f"{self.dataset}@{self.version}"
+
+
+@dataclass(frozen=True)
+class ResolvedBlend:
+    spec: BlendSpec
+    sources: tuple[ResolvedSource, ...]
+    tokenizer_sha256: str
+    eos_id: int
+    vocab_size: int
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def names(self) -> list[str]:
+        return self.spec.names
+
+    def content(self) -> dict[str, Any]:
+        """What defines the stream (hashed into the fingerprint): no store URLs."""
+        return {
+            "algorithm": ALGORITHM,
+            "seq_len": self.spec.seq_len,
+            "global_batch_size": self.spec.global_batch_size,
+            "seed": self.spec.seed,
+            "shuffle_blocks": self.spec.shuffle_blocks,
+            "sources": [
+                {"name": s.name, "dataset": s.dataset, "version": s.version,
+                 "weight": src.weight, "n_tokens": s.n_tokens, "n_blocks": s.n_blocks}
+                for s, src in zip(self.sources, self.spec.sources, strict=True)
+            ],
+            "schedule": [{"step": k.step, "weights": dict(zip(self.names, k.weights, strict=True))}
+                         for k in self.spec.schedule],
+            "tokenizer_sha256": self.tokenizer_sha256,
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        return sha256_hex(dumps_canonical(self.content()))[:16]
+
+    def to_json(self) -> dict[str, Any]:
+        d = self.content()
+        d["fingerprint"] = self.fingerprint
+        d["resolved"] = True
+        d["eos_id"] = self.eos_id
+        d["vocab_size"] = self.vocab_size
+        for entry, s in zip(d["sources"], self.sources, strict=True):
+            entry["store"] = s.store
+        return d
+
+
+# ---- parsing ---------------------------------------------------------------------------------
+
+def _int(d: dict, key: str, default: int | None = None, minimum: int = 0) -> int:
+    if key not in d:
+        if default is None:
+            raise ConfigError(f"blend spec: missing required key {key!r}")
+        return default
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ConfigError(f"blend spec: {key} must be an integer >= {minimum} (got {v!r})")
+    return v
+
+
+def _weight(v: Any, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ConfigError(f"blend spec: weight of {where} must be a number (got {v!r})")
+    v = float(v)
+    if not (v >= 0) or v == float("inf"):
+        raise ConfigError(f"blend spec: weight of {where} must be finite and >= 0 (got {v})")
+    return v
+
+
+def load_spec_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read blend spec {p}: {exc.strerror or exc}") from exc
+    try:
+        data = tomllib.loads(text.decode()) if p.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"blend spec {p} is not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"blend spec {p}: expected a mapping at the top level")
+    return data
+
+
+def parse_spec(data: dict[str, Any], base_store: str | None = None) -> BlendSpec:
+    """Validate a spec mapping (see docs/mixer.md) into a :class:`BlendSpec`."""
+    known = {"store", "sources", "seq_len", "global_batch_size", "seed", "shuffle_blocks",
+             "schedule", "resolved", "fingerprint", "algorithm", "tokenizer_sha256", "eos_id",
+             "vocab_size"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"blend spec: unknown key(s) {', '.join(unknown)}")
+    store = data.get("store", base_store)
+    raw_sources = data.get("sources")
+    if isinstance(raw_sources, list):  # resolved form / list form: [{name, dataset, ...}]
+        items = [(s.get("name") if isinstance(s, dict) else None, s) for s in raw_sources]
+    elif isinstance(raw_sources, dict):
+        items = list(raw_sources.items())
+    else:
+        raise ConfigError("blend spec: 'sources' must map source names to {dataset, weight}")
+    if not items:
+        raise ConfigError("blend spec: no sources")
+    sources = []
+    for name, s in items:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"blend spec: every source needs a name (got {name!r})")
+        if isinstance(s, str):
+            s = {"dataset": s}
+        if not isinstance(s, dict) or "dataset" not in s:
+            raise ConfigError(f"blend spec: source {name!r} needs a 'dataset: name@ref'")
+        ds = s["dataset"] if "version" not in s else f"{s['dataset']}@{s['version']}"
+        parse_ref(str(ds))  # validates the name
+        src_store = s.get("store", store)
+        if not src_store:
+            raise ConfigError(f"blend spec: no store for source {name!r} (set 'store' at the top or per source)")
+        sources.append(SourceSpec(name, str(ds), str(src_store), _weight(s.get("weight", 1.0), name)))
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"blend spec: duplicate source names in {names}")
+    knots: list[Knot] = []
+    for i, k in enumerate(data.get("schedule") or []):
+        if not isinstance(k, dict) or not isinstance(k.get("weights"), dict):
+            raise ConfigError(f"blend spec: schedule entry {i} needs 'step' and 'weights: {{source: w}}'")
+        extra = sorted(set(k["weights"]) - set(names))
+        if extra:
+            raise ConfigError(f"blend spec: schedule step {k.get('step')} names unknown source(s) {', '.join(extra)}")
+        knots.append(Knot(_int(k, "step"), tuple(_weight(k["weights"].get(n, 0.0), f"{n} at step {k.get('step')}") for n in names)))
+    spec = BlendSpec(
+        sources=tuple(sources),
+        seq_len=_int(data, "seq_len", minimum=1),
+        global_batch_size=_int(data, "global_batch_size", minimum=1),
+        seed=_int(data, "seed", 0),
+        shuffle_blocks=_int(data, "shuffle_blocks", 8, minimum=1),
+        schedule=tuple(sorted(knots, key=lambda k: k.step)),
+    )
+    if spec.seq_len > MAX_SEQ_LEN:
+        raise ConfigError(f"blend spec: seq_len {spec.seq_len} is larger than the maximum {MAX_SEQ_LEN}")
+    spec.weight_schedule()  # validates weights (negative, all zero, knots)
+    return spec
+
+
+def load_spec(spec: str | Path | dict[str, Any] | BlendSpec) -> BlendSpec:
+    if isinstance(spec, BlendSpec):
+        return spec
+    if isinstance(spec, dict):
+        return parse_spec(spec)
+    return parse_spec(load_spec_file(spec))
+
+
+# ---- resolution ------------------------------------------------------------------------------
+
+def open_sources(blend: ResolvedBlend) -> list[DatasetVersion]:
+    """Open every source at its pinned version (checks the manifests still match)."""
+    out = []
+    for s in blend.sources:
+        ds = open_dataset(s.store, s.spec)
+        if ds.version != s.version or ds.manifest.n_tokens != s.n_tokens:
+            raise ConfigError(f"source {s.name}: {s.spec} in {s.store} does not match the resolved blend")
+        out.append(ds)
+    return out
+
+
+def resolve(spec: str | Path | dict[str, Any] | BlendSpec) -> tuple[ResolvedBlend, list[DatasetVersion]]:
+    """Pin every ``dataset@ref`` to its version id and validate the blend against the data."""
+    bs = load_spec(spec)
+    opened: list[DatasetVersion] = []
+    for s in bs.sources:
+        try:
+            opened.append(open_dataset(s.store, s.dataset))
+        except CptError as exc:
+            raise type(exc)(f"source {s.name!r} ({s.dataset} in {s.store}): {exc}") from exc
+    toks = {ds.manifest.tokenizer.sha256 for ds in opened}
+    if len(toks) > 1:
+        detail = ", ".join(f"{s.name}={ds.manifest.tokenizer.name}:{ds.manifest.tokenizer.sha256[:12]}"
+                           for s, ds in zip(bs.sources, opened, strict=True))
+        raise ConfigError(f"sources were tokenized with different tokenizers ({detail})")
+    for s, ds in zip(bs.sources, opened, strict=True):
+        if ds.manifest.n_tokens < bs.seq_len + 1:
+            raise ConfigError(
+                f"seq_len {bs.seq_len} is too large: source {s.name!r} ({ds.spec}) holds only "
+                f"{ds.manifest.n_tokens} tokens, fewer than one sample of seq_len+1"
+            )
+    resolved_sources = tuple(
+        ResolvedSource(s.name, ds.name, ds.version, s.store, ds.manifest.n_tokens, ds.manifest.n_blocks)
+        for s, ds in zip(bs.sources, opened, strict=True)
+    )
+    pinned = BlendSpec(
+        sources=tuple(SourceSpec(s.name, f"{ds.name}@{ds.version}", s.store, s.weight)
+                      for s, ds in zip(bs.sources, opened, strict=True)),
+        seq_len=bs.seq_len, global_batch_size=bs.global_batch_size, seed=bs.seed,
+        shuffle_blocks=bs.shuffle_blocks, schedule=bs.schedule,
+    )
+    tok = opened[0].manifest.tokenizer
+    return ResolvedBlend(pinned, resolved_sources, tok.sha256, tok.eos_id, tok.vocab_size), opened
+
+
+def blend_from_json(d: dict[str, Any]) -> ResolvedBlend:
+    """Rebuild a :class:`ResolvedBlend` from :meth:`ResolvedBlend.to_json` (no store access)."""
+    if not d.get("resolved"):
+        raise ConfigError("not a resolved blend (run `cpt mix resolve SPEC` first)")
+    if d.get("algorithm") != ALGORITHM:
+        raise ConfigError(f"resolved blend uses mixer algorithm {d.get('algorithm')!r}; this code is {ALGORITHM!r}")
+    spec = parse_spec({k: v for k, v in d.items() if k != "sources"} | {
+        "sources": [{"name": s["name"], "dataset": f"{s['dataset']}@{s['version']}",
+                     "store": s["store"], "weight": s["weight"]} for s in d["sources"]]})
+    blend = ResolvedBlend(
+        spec,
+        tuple(ResolvedSource(s["name"], s["dataset"], s["version"], s["store"], s["n_tokens"], s["n_blocks"])
+              for s in d["sources"]),
+        d["tokenizer_sha256"], d["eos_id"], d["vocab_size"],
+    )
+    if d.get("fingerprint") and d["fingerprint"] != blend.fingerprint:
+        raise ConfigError(f"resolved blend was modified: fingerprint {d['fingerprint']} != {blend.fingerprint}")
+    return blend
+
+
+def spec_dict(blend: ResolvedBlend) -> dict[str, Any]:
+    return asdict(blend.spec)
