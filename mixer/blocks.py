@@ -14,9 +14,11 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -24,6 +26,7 @@ from corpus.reader import BlockRef, DatasetVersion
 from cpt.errors import CptError, IntegrityError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -297,29 +300,36 @@ class BlockLoader:
 
     def _fetch(self, ds: DatasetVersion, ref: BlockRef) -> bytes:
         """One ranged read; transient errors are retried with exponential backoff."""
-        cfg = self.config
-        delay = cfg.backoff_s
-        attempts = max(1, cfg.retries)
-        last: BaseException | None = None
-        for attempt in range(1, attempts + 1):
-            try:
-                raw = ds.fetch_block_bytes(ref)
-                self.stats.add(bytes_fetched=len(raw), blocks_fetched=1)
-                return raw
-            except CptError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - classified below
-                if not is_transient(exc):
-                    raise CptError(f"cannot read {ds.describe(ref)} from {ds.store.url}: "
-                                   f"{type(exc).__name__}: {exc}") from exc
-                last = exc
-                if attempt < attempts:
-                    self.stats.add(retries=1)
-                    log.warning("read of %s failed (%s), retry %d/%d in %.1fs", ds.describe(ref),
-                                type(exc).__name__, attempt, attempts - 1, delay)
-                    time.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-        raise CptError(
-            f"cannot read {ds.describe(ref)} from {ds.store.url} after {attempts} attempts: "
-            f"{type(last).__name__}: {last}"
-        )
+        def on_retry() -> None:
+            self.stats.add(retries=1)
+
+        raw = retry_call(lambda: ds.fetch_block_bytes(ref), f"read {ds.describe(ref)} from {ds.store.url}",
+                         self.config.retries, self.config.backoff_s, on_retry)
+        self.stats.add(bytes_fetched=len(raw), blocks_fetched=1)
+        return raw
+
+
+def retry_call(fn: Callable[[], T], what: str, retries: int = 5, backoff_s: float = 0.2,
+               on_retry: Callable[[], None] | None = None) -> T:
+    """``fn()``, retrying transient errors (exponential backoff, capped at 5 s); after ``retries``
+    attempts, or on a permanent error, a :class:`CptError` saying what could not be done."""
+    delay = backoff_s
+    attempts = max(1, retries)
+    last: BaseException | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except CptError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not is_transient(exc):
+                raise CptError(f"cannot {what}: {type(exc).__name__}: {exc}") from exc
+            last = exc
+            if attempt < attempts:
+                if on_retry:
+                    on_retry()
+                log.warning("cannot %s (%s), retry %d/%d in %.1fs", what, type(exc).__name__,
+                            attempt, attempts - 1, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+    raise CptError(f"cannot {what} after {attempts} attempts: {type(last).__name__}: {last}")

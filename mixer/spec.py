@@ -221,11 +221,20 @@ def open_sources(blend: ResolvedBlend) -> list[DatasetVersion]:
     """Open every source at its pinned version (checks the manifests still match)."""
     out = []
     for s in blend.sources:
-        ds = open_dataset(s.store, s.spec)
+        ds = _open(s.store, s.spec, s.name)
         if ds.version != s.version or ds.manifest.n_tokens != s.n_tokens:
             raise ConfigError(f"source {s.name}: {s.spec} in {s.store} does not match the resolved blend")
         out.append(ds)
     return out
+
+
+def _open(store: str, ref: str, name: str, retries: int = 4) -> DatasetVersion:
+    from mixer.blocks import retry_call
+
+    try:
+        return retry_call(lambda: open_dataset(store, ref), f"open {ref} in {store}", retries)
+    except CptError as exc:
+        raise type(exc)(f"source {name!r} ({ref} in {store}): {exc}") from exc
 
 
 def resolve(spec: str | Path | dict[str, Any] | BlendSpec) -> tuple[ResolvedBlend, list[DatasetVersion]]:
@@ -233,10 +242,7 @@ def resolve(spec: str | Path | dict[str, Any] | BlendSpec) -> tuple[ResolvedBlen
     bs = load_spec(spec)
     opened: list[DatasetVersion] = []
     for s in bs.sources:
-        try:
-            opened.append(open_dataset(s.store, s.dataset))
-        except CptError as exc:
-            raise type(exc)(f"source {s.name!r} ({s.dataset} in {s.store}): {exc}") from exc
+        opened.append(_open(s.store, s.dataset, s.name))
     toks = {ds.manifest.tokenizer.sha256 for ds in opened}
     if len(toks) > 1:
         detail = ", ".join(f"{s.name}={ds.manifest.tokenizer.name}:{ds.manifest.tokenizer.sha256[:12]}"

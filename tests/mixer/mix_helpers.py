@@ -36,3 +36,53 @@ def spec(store: str, weights: dict[str, float], seq_len: int = 64, gbs: int = 24
          **extra) -> dict:
     return {"store": store, "seq_len": seq_len, "global_batch_size": gbs, "seed": seed,
             "sources": {n: {"dataset": f"{n}@latest", "weight": w} for n, w in weights.items()}, **extra}
+
+
+_PROXY = r"""
+import asyncio, sys
+LISTEN, TARGET = int(sys.argv[1]), int(sys.argv[2])
+async def pipe(r, w):
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    except Exception:
+        pass
+    finally:
+        w.close()
+async def handle(cr, cw):
+    try:
+        sr, sw = await asyncio.open_connection("127.0.0.1", TARGET)
+    except OSError:
+        cw.close()
+        return
+    await asyncio.gather(pipe(cr, sw), pipe(sr, cw))
+async def main():
+    srv = await asyncio.start_server(handle, "127.0.0.1", LISTEN, reuse_address=True)
+    print("ready", flush=True)
+    await srv.serve_forever()
+asyncio.run(main())
+"""
+
+
+class TcpProxy:
+    """A loopback TCP forwarder in its own process: SIGKILL it to make an endpoint vanish (open
+    connections reset, new ones refused) while the server behind it keeps its objects."""
+
+    def __init__(self, target_port: int, port: int):
+        self.target_port, self.port = target_port, port
+        self.proc = None
+
+    def start(self) -> TcpProxy:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", _PROXY, str(self.port), str(self.target_port)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert self.proc.stdout.readline().strip() == b"ready"
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
