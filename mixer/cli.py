@@ -51,8 +51,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from mixer.bench import main as bench_main
-    return bench_main(args.bench_args)
+    from mixer.bench import run
+    return run(args)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--steps", type=int, required=True)
     i.set_defaults(func=_inspect)
     b = mix.add_parser("bench", help="throughput, resume time, RSS, bytes fetched/consumed (tables)")
-    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    from mixer.bench import add_arguments
+    add_arguments(b)
     b.set_defaults(func=_bench)
 
 
