@@ -193,6 +193,7 @@ class BlockLoader:
         self._inflight: dict[tuple[int, int], Future] = {}
         self._lock = threading.RLock()  # re-entered when a done-callback runs inline
         self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
 
     # ---- public --------------------------------------------------------------------------
     def block_nbytes(self, src: int, block: int) -> int:
@@ -222,6 +223,7 @@ class BlockLoader:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.config.prefetch_threads, thread_name_prefix="mixer-fetch")
+            self._closed = False
         budget = self.config.memory_bytes // 2
         with self._lock:
             inflight_bytes = sum(self._estimate(k) for k in self._inflight)
@@ -237,8 +239,10 @@ class BlockLoader:
                 fut.add_done_callback(lambda f, k=key: self._done(k, f))
 
     def close(self) -> None:
+        """Stop read-ahead: queued fetches are cancelled, running ones stop at their next retry."""
+        self._closed = True
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
     # ---- internals -----------------------------------------------------------------------
@@ -301,6 +305,8 @@ class BlockLoader:
     def _fetch(self, ds: DatasetVersion, ref: BlockRef) -> bytes:
         """One ranged read; transient errors are retried with exponential backoff."""
         def on_retry() -> None:
+            if self._closed:
+                raise CptError(f"block loader closed while reading {ds.describe(ref)}")
             self.stats.add(retries=1)
 
         raw = retry_call(lambda: ds.fetch_block_bytes(ref), f"read {ds.describe(ref)} from {ds.store.url}",

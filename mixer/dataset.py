@@ -100,9 +100,12 @@ class MixedDataset(IterableDataset):
         info = get_worker_info()
         worker = (info.id, info.num_workers, self.loader_batch_size) if info else (0, 1, self.loader_batch_size)
         stream = self._get_stream()
-        for sample, state in stream.samples(self._state, worker):
-            self._state = state
-            yield sample
+        try:
+            for sample, state in stream.samples(self._state, worker):
+                self._state = state
+                yield sample
+        finally:  # iterator closed or garbage collected: stop read-ahead threads
+            stream.close()
 
     def stats(self) -> dict[str, Any]:
         """Samples/tokens per source delivered by this process, and I/O counters."""
