@@ -41,15 +41,16 @@ def bench_mosaic(data: np.ndarray, work: Path) -> dict:
     return {"system": "MosaicML Streaming", "source": "local MDS, warm", "tok_s": n / (time.perf_counter() - t0)}
 
 
+def _row(row: np.ndarray):
+    yield row
+
+
 def bench_litdata(data: np.ndarray, work: Path) -> dict:
     import litdata as ld
 
     out = work / "litdata"
 
-    def rows(i: int):
-        yield data[i]
-
-    ld.optimize(fn=rows, inputs=list(range(len(data))), output_dir=str(out), chunk_bytes="64MB",
+    ld.optimize(fn=_row, inputs=list(data), output_dir=str(out), chunk_bytes="64MB",
                 num_workers=1, compression="zstd")
     ds = ld.StreamingDataset(str(out), shuffle=True, seed=1)
     t0 = time.perf_counter()
