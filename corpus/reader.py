@@ -61,6 +61,10 @@ class DatasetVersion:
             for bi in range(len(shard.blocks)):
                 yield BlockRef(si, bi)
 
+    def block_tokens(self) -> np.ndarray:
+        """Token count of every block, in :meth:`block_refs` order."""
+        return np.array([b.n_tokens for s in self.manifest.shards for b in s.blocks], dtype=np.int64)
+
     def describe(self, ref: BlockRef) -> str:
         shard = self.manifest.shards[ref.shard]
         return f"{self.spec} shard {shard.path} block {shard.blocks[ref.block].key}"

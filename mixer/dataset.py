@@ -107,6 +107,20 @@ class MixedDataset(IterableDataset):
         finally:  # iterator closed or garbage collected: stop read-ahead threads
             stream.close()
 
+    def validation_samples(self, source: int, count: int) -> list[dict[str, Any]]:
+        """``count`` fixed windows of source ``source``'s held-out split (see mixer/holdout.py)."""
+        return self._get_stream().validation_samples(source, count)
+
+    def epochs(self) -> dict[str, float]:
+        """Epochs per source consumed up to the step of the current state (all ranks)."""
+        return dict(zip(self.source_names, self._get_stream().epochs(self._state.point.counts), strict=True))
+
+    def describe(self) -> dict[str, Any]:
+        """What a run record needs: the resolved blend (versions, weights/schedule, hold-out)."""
+        return {"kind": "mixer", "blend": self.blend.to_json(), "source_names": self.source_names,
+                "source_versions": self.source_versions, "seq_len": self.seq_len,
+                "global_batch_size": self.global_batch_size, "epochs": self.epochs()}
+
     def stats(self) -> dict[str, Any]:
         """Samples/tokens per source delivered by this process, and I/O counters."""
         s = self._get_stream()

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from corpus.reader import DatasetVersion, open_dataset
@@ -21,6 +22,7 @@ from corpus.store import parse_ref
 from cpt.errors import ConfigError, CptError
 from cpt.fs import dumps_canonical
 from cpt.hashing import sha256_hex
+from mixer.holdout import Holdout, auto_tokens, choose_holdout
 from mixer.schedule import Knot, WeightSchedule
 
 ALGORITHM = "moe-cpt/mixer-v1"  # bump when the mapping spec -> stream changes
@@ -33,6 +35,7 @@ class SourceSpec:
     dataset: str  # name@ref as written, or name@version once resolved
     store: str
     weight: float = 1.0
+    holdout_tokens: int | str = "auto"  # held-out (validation) tokens of the version, or "auto"
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class ResolvedSource:
     store: str
     n_tokens: int
     n_blocks: int
+    holdout: Holdout = Holdout()
 
     @property
     def spec(self) -> str:
@@ -90,7 +94,8 @@ class ResolvedBlend:
             "shuffle_blocks": self.spec.shuffle_blocks,
             "sources": [
                 {"name": s.name, "dataset": s.dataset, "version": s.version,
-                 "weight": src.weight, "n_tokens": s.n_tokens, "n_blocks": s.n_blocks}
+                 "weight": src.weight, "n_tokens": s.n_tokens, "n_blocks": s.n_blocks,
+                 "holdout": s.holdout.to_json()}
                 for s, src in zip(self.sources, self.spec.sources, strict=True)
             ],
             "schedule": [{"step": k.step, "weights": dict(zip(self.names, k.weights, strict=True))}
@@ -135,6 +140,18 @@ def _weight(v: Any, where: str) -> float:
     return v
 
 
+def _holdout(v: Any, where: str) -> int | str:
+    if v == "auto":
+        return v
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ConfigError(f"blend spec: holdout_tokens of {where} must be 'auto' or an integer >= 0 (got {v!r})")
+    return v
+
+
+SOURCE_KEYS = {"dataset", "version", "weight", "store", "holdout_tokens"}
+RESOLVED_SOURCE_KEYS = {"name", "holdout", "n_tokens", "n_blocks"}  # list form (resolved blends)
+
+
 def load_spec_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
@@ -153,12 +170,13 @@ def load_spec_file(path: str | Path) -> dict[str, Any]:
 def parse_spec(data: dict[str, Any], base_store: str | None = None) -> BlendSpec:
     """Validate a spec mapping (see docs/mixer.md) into a :class:`BlendSpec`."""
     known = {"store", "sources", "seq_len", "global_batch_size", "seed", "shuffle_blocks",
-             "schedule", "resolved", "fingerprint", "algorithm", "tokenizer_sha256", "eos_id",
+             "schedule", "holdout_tokens", "resolved", "fingerprint", "algorithm", "tokenizer_sha256", "eos_id",
              "vocab_size"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"blend spec: unknown key(s) {', '.join(unknown)}")
     store = data.get("store", base_store)
+    default_holdout = _holdout(data.get("holdout_tokens", "auto"), "the blend")
     raw_sources = data.get("sources")
     if isinstance(raw_sources, list):  # resolved form / list form: [{name, dataset, ...}]
         items = [(s.get("name") if isinstance(s, dict) else None, s) for s in raw_sources]
@@ -176,12 +194,17 @@ def parse_spec(data: dict[str, Any], base_store: str | None = None) -> BlendSpec
             s = {"dataset": s}
         if not isinstance(s, dict) or "dataset" not in s:
             raise ConfigError(f"blend spec: source {name!r} needs a 'dataset: name@ref'")
+        bad = sorted(set(s) - SOURCE_KEYS - (RESOLVED_SOURCE_KEYS if isinstance(raw_sources, list) else set()))
+        if bad:
+            raise ConfigError(f"blend spec: source {name!r} has unknown key(s) {', '.join(bad)} "
+                              f"(known: {', '.join(sorted(SOURCE_KEYS))})")
         ds = s["dataset"] if "version" not in s else f"{s['dataset']}@{s['version']}"
         parse_ref(str(ds))  # validates the name
         src_store = s.get("store", store)
         if not src_store:
             raise ConfigError(f"blend spec: no store for source {name!r} (set 'store' at the top or per source)")
-        sources.append(SourceSpec(name, str(ds), str(src_store), _weight(s.get("weight", 1.0), name)))
+        sources.append(SourceSpec(name, str(ds), str(src_store), _weight(s.get("weight", 1.0), name),
+                                  _holdout(s.get("holdout_tokens", default_holdout), name)))
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise ConfigError(f"blend spec: duplicate source names in {names}")
@@ -237,6 +260,22 @@ def _open(store: str, ref: str, name: str, retries: int = 4) -> DatasetVersion:
         raise type(exc)(f"source {name!r} ({ref} in {store}): {exc}") from exc
 
 
+def _choose_holdout(s: SourceSpec, ds: DatasetVersion, min_train_tokens: int) -> Holdout:
+    from mixer.blocks import retry_call
+
+    tokens = auto_tokens(ds.manifest.n_tokens) if s.holdout_tokens == "auto" else int(s.holdout_tokens)
+    refs = list(ds.block_refs())
+
+    def doc_starts(block: int) -> np.ndarray:
+        tb = retry_call(lambda: ds.read_block(refs[block]), f"read {ds.describe(refs[block])}")
+        return np.concatenate([[0], tb.doc_ends[:-1]])
+
+    try:
+        return choose_holdout(ds.version, ds.block_tokens(), tokens, doc_starts, min_train_tokens)
+    except ConfigError as exc:
+        raise ConfigError(f"source {s.name!r} ({ds.spec}): {exc}") from exc
+
+
 def resolve(spec: str | Path | dict[str, Any] | BlendSpec) -> tuple[ResolvedBlend, list[DatasetVersion]]:
     """Pin every ``dataset@ref`` to its version id and validate the blend against the data."""
     bs = load_spec(spec)
@@ -255,11 +294,12 @@ def resolve(spec: str | Path | dict[str, Any] | BlendSpec) -> tuple[ResolvedBlen
                 f"{ds.manifest.n_tokens} tokens, fewer than one sample of seq_len+1"
             )
     resolved_sources = tuple(
-        ResolvedSource(s.name, ds.name, ds.version, s.store, ds.manifest.n_tokens, ds.manifest.n_blocks)
+        ResolvedSource(s.name, ds.name, ds.version, s.store, ds.manifest.n_tokens, ds.manifest.n_blocks,
+                       _choose_holdout(s, ds, bs.seq_len + 1))
         for s, ds in zip(bs.sources, opened, strict=True)
     )
     pinned = BlendSpec(
-        sources=tuple(SourceSpec(s.name, f"{ds.name}@{ds.version}", s.store, s.weight)
+        sources=tuple(SourceSpec(s.name, f"{ds.name}@{ds.version}", s.store, s.weight, s.holdout_tokens)
                       for s, ds in zip(bs.sources, opened, strict=True)),
         seq_len=bs.seq_len, global_batch_size=bs.global_batch_size, seed=bs.seed,
         shuffle_blocks=bs.shuffle_blocks, schedule=bs.schedule,
@@ -279,7 +319,8 @@ def blend_from_json(d: dict[str, Any]) -> ResolvedBlend:
                      "store": s["store"], "weight": s["weight"]} for s in d["sources"]]})
     blend = ResolvedBlend(
         spec,
-        tuple(ResolvedSource(s["name"], s["dataset"], s["version"], s["store"], s["n_tokens"], s["n_blocks"])
+        tuple(ResolvedSource(s["name"], s["dataset"], s["version"], s["store"], s["n_tokens"], s["n_blocks"],
+                             Holdout.from_json(s.get("holdout")))
               for s in d["sources"]),
         d["tokenizer_sha256"], d["eos_id"], d["vocab_size"],
     )

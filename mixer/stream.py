@@ -125,7 +125,9 @@ class MixStream:
     """Samples of one rank (optionally one loader worker of it), from a state."""
 
     def __init__(self, blend: ResolvedBlend, datasets: list[DatasetVersion], rank: int, world_size: int,
-                 cache: CacheConfig | None = None):
+                 cache: CacheConfig | None = None, loader: BlockLoader | None = None):
+        """``loader``: a :class:`BlockLoader` shared with other streams of the same blend (the
+        service shares one between its clients); by default the stream makes its own."""
         g = blend.spec.global_batch_size
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"invalid rank {rank} of world size {world_size}")
@@ -138,15 +140,16 @@ class MixStream:
         self.local_batch = g // world_size
         self.seq_len = blend.spec.seq_len
         self.schedule: WeightSchedule = blend.spec.weight_schedule()
+        self.block_tokens = [ds.block_tokens() for ds in datasets]
         self.packings = [
-            SourcePacking(
-                np.array([ds.block_record(r).n_tokens for r in ds.block_refs()], dtype=np.int64),
-                self.seq_len, blend.spec.seed, f"{s.name}:{s.version}", blend.spec.shuffle_blocks)
-            for s, ds in zip(blend.sources, datasets, strict=True)
+            SourcePacking(s.holdout.train_block_tokens(bt), self.seq_len, blend.spec.seed,
+                          f"{s.name}:{s.version}", blend.spec.shuffle_blocks)
+            for s, bt in zip(blend.sources, self.block_tokens, strict=True)
         ]
         self.refs = [list(ds.block_refs()) for ds in datasets]
         self.cache = cache or CacheConfig()
-        self.loader = BlockLoader(datasets, self.cache)
+        self.loader = loader or BlockLoader(datasets, self.cache)
+        self._own_loader = loader is None
         self.stats = StreamStats(samples_per_source=[0] * len(datasets))
 
     # ---- state ---------------------------------------------------------------------------
@@ -239,5 +242,43 @@ class MixStream:
             "offset": first.start,
         }
 
+    # ---- held-out split ------------------------------------------------------------------
+    def validation_samples(self, src: int, count: int) -> list[dict[str, Any]]:
+        """The first ``count`` windows (``seq_len + 1`` tokens, stride ``seq_len``) of source
+        ``src``'s held-out split, the same in every run that holds out the same split (fewer if
+        the split is shorter; none without a split)."""
+        holdout = self.blend.sources[src].holdout
+        want = count * self.seq_len + 1
+        toks, poss, origin = [], [], []
+        have = 0
+        for block, start, stop in holdout.ranges(self.block_tokens[src]):
+            if have >= want:
+                break
+            blk = self.loader.get(src, block)
+            stop = min(stop, start + want - have)
+            toks.append(blk.tokens[start:stop])
+            poss.append(blk.positions[start:stop])
+            origin.append((have, block, start))
+            have += stop - start
+        if have < self.seq_len + 1:
+            return []
+        tokens = np.concatenate(toks).astype(np.int64)
+        positions = np.concatenate(poss).astype(np.int64)
+        out = []
+        for i in range(min(count, (have - 1) // self.seq_len)):
+            a = i * self.seq_len
+            k = max(j for j, o in enumerate(origin) if o[0] <= a)
+            _, block, start = origin[k]
+            ref = self.refs[src][block]
+            out.append({"tokens": tokens[a:a + self.seq_len + 1], "positions": positions[a:a + self.seq_len + 1],
+                        "source": src, "sample": -1, "index": i, "epoch": 0, "shard": ref.shard,
+                        "block": ref.block, "offset": start + a - origin[k][0]})
+        return out
+
+    def epochs(self, counts: tuple[int, ...] | list[int]) -> list[float]:
+        """Epochs per source after serving ``counts`` samples of each."""
+        return [pk.epochs_for(int(c)) for pk, c in zip(self.packings, counts, strict=True)]
+
     def close(self) -> None:
-        self.loader.close()
+        if self._own_loader:
+            self.loader.close()
