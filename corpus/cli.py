@@ -189,6 +189,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     print_stats(console, name, version, manifest)
     console.print(f"inputs: {len(manifest.inputs)} file(s), {sum(i.get('size', 0) or 0 for i in manifest.inputs):,} bytes; "
                   f"built {manifest.build.get('created_at', '?')} by {json.dumps(manifest.build.get('code', {}))}")
+    from cpt.runs import RunCatalog
+
+    consumers = RunCatalog(store.url).runs_for_version(name, version)
+    console.print(f"runs that read it: {', '.join(consumers) or 'none'}"
+                  + (f" (see `cpt runs show RUN --store {store.url}`)" if consumers else ""))
     return 0
 
 

@@ -215,14 +215,17 @@ class RunCatalog:
     def _run_dir(self, run_id: str) -> str:
         return join(self.root, check_run_id(run_id))
 
-    def _event_names(self, run_id: str) -> list[str]:
-        path = self._run_dir(run_id)
+    def _ls(self, path: str) -> list[str]:
+        """Base names in ``path``, listed afresh (other processes append: no cached listing)."""
+        self.fs.invalidate_cache(path)
         try:
             entries = self.fs.ls(path, detail=False)
         except FileNotFoundError:
             return []
-        names = [posixpath.basename(e.rstrip("/")) for e in entries]
-        return sorted(n for n in names if EVENT_NAME_RE.match(n))
+        return [posixpath.basename(e.rstrip("/")) for e in entries]
+
+    def _event_names(self, run_id: str) -> list[str]:
+        return sorted(n for n in self._ls(self._run_dir(run_id)) if EVENT_NAME_RE.match(n))
 
     def append(self, run_id: str, event: Mapping[str, Any], kind: str = "update") -> str:
         """Add one event (a partial or full record: its keys replace the folded record's) to
@@ -284,12 +287,7 @@ class RunCatalog:
     def run_ids(self) -> list[str]:
         """Ids of the runs with an event folder, sorted (ids from :func:`new_run_id` sort by
         start time)."""
-        try:
-            entries = self.fs.ls(self.root, detail=False)
-        except FileNotFoundError:
-            return []
-        ids = [posixpath.basename(e.rstrip("/")) for e in entries]
-        return sorted(i for i in ids if RUN_ID_RE.match(i))
+        return sorted(i for i in self._ls(self.root) if RUN_ID_RE.match(i))
 
     def list(self) -> list[RunRecord]:
         """Every run in this catalog (runs without a readable event are skipped with a warning)."""
@@ -309,6 +307,7 @@ class RunCatalog:
         """Write the marker "``run_id`` consumed ``dataset@version``" once; ``False`` if it
         was there already."""
         path = self._marker(dataset, version, run_id)
+        self.fs.invalidate_cache(posixpath.dirname(path))
         if self.fs.exists(path):
             return False
         write_once(self.fs, path, dumps_canonical(dict(info)))
@@ -316,13 +315,7 @@ class RunCatalog:
 
     def runs_for_version(self, dataset: str, version: str) -> list[str]:
         """Ids of the runs that consumed ``dataset@version`` (one listing, no record reads)."""
-        path = join(self.root, BY_VERSION_DIR, dataset, version)
-        try:
-            entries = self.fs.ls(path, detail=False)
-        except FileNotFoundError:
-            return []
-        ids = [posixpath.basename(e.rstrip("/")) for e in entries]
-        return sorted(i for i in ids if RUN_ID_RE.match(i))
+        return sorted(i for i in self._ls(join(self.root, BY_VERSION_DIR, dataset, version)) if RUN_ID_RE.match(i))
 
 
 # ---- writing a record to every store it read --------------------------------------------------
