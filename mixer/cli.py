@@ -55,6 +55,44 @@ def _bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import threading
+
+    from mixer.blocks import CacheConfig
+    from mixer.dataset import open_blend
+    from mixer.service import MixService, ServiceConfig, serve_forever
+    from mixer.spec import load_spec_file
+
+    token = os.environ.get("CPT_MIX_TOKEN") or None
+    if args.token_file:
+        try:
+            token = open(args.token_file).read().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --token-file {args.token_file}: {exc.strerror or exc}") from exc
+        if not token:
+            raise ConfigError(f"--token-file {args.token_file} is empty")
+    blend, dss = open_blend(load_spec_file(args.spec))
+    cache = CacheConfig(disk_dir=args.cache_dir, disk_bytes=args.cache_bytes, memory_bytes=args.memory_bytes,
+                        prefetch_threads=args.prefetch_threads)
+    cfg = ServiceConfig(host=args.host, port=args.port, token=token, max_clients=args.max_clients)
+    svc = MixService(blend, dss, cfg, cache)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"serving blend {blend.fingerprint} ({', '.join(blend.names)}) on {svc.url}"
+          f"{' (bearer token required)' if token else ''}", flush=True)
+    serve_forever(svc, stop)
+    print("mixer service stopped", flush=True)
+    return 0
+
+
+def _bench_service(args: argparse.Namespace) -> int:
+    from mixer.service_bench import run
+    return run(args)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("mix", help="blend dataset versions into a deterministic training stream")
     mix = p.add_subparsers(dest="mix_command", metavar="SUBCOMMAND", required=True)
@@ -70,6 +108,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     from mixer.bench import add_arguments
     add_arguments(b)
     b.set_defaults(func=_bench)
+    s = mix.add_parser(
+        "serve", help="serve a blend over HTTP to trainer ranks (see docs/service.md)",
+        description="Run the mixer as a network service: clients (mixer.client.ServiceMixedDataset) "
+        "POST their (rank, world size, state) to /v1/samples and stream their samples as binary frames; "
+        "GET /healthz, /metrics (Prometheus), /v1/blend, /v1/validation. Stateless: any replica of the "
+        "same blend continues any client. SIGTERM/SIGINT stop it cleanly.")
+    s.add_argument("spec", help="blend spec or resolved blend (YAML/TOML/JSON); pin it with `cpt mix resolve` "
+                   "so that every replica serves the same versions")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other "
+                   "address requires a token)")
+    s.add_argument("--port", type=int, default=8470, help="port (default 8470; 0 = any free port, printed)")
+    s.add_argument("--token-file", help="file holding the shared bearer token (default: env CPT_MIX_TOKEN)")
+    s.add_argument("--cache-dir", help="disk cache of raw blocks, shared by all clients (default: memory only)")
+    s.add_argument("--cache-bytes", type=int, default=8 << 30, help="disk cache bound in bytes (default 8 GiB)")
+    s.add_argument("--memory-bytes", type=int, default=1 << 30, help="decoded blocks in memory (default 1 GiB)")
+    s.add_argument("--prefetch-threads", type=int, default=8, help="read-ahead threads (default 8)")
+    s.add_argument("--max-clients", type=int, default=256, help="concurrent sample streams (default 256)")
+    s.set_defaults(func=_serve)
+    bs = mix.add_parser("bench-service", help="tokens/s through the service on loopback vs in-process")
+    from mixer.service_bench import add_arguments as add_service_bench_arguments
+    add_service_bench_arguments(bs)
+    bs.set_defaults(func=_bench_service)
 
 
 if __name__ == "__main__":  # pragma: no cover

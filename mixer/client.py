@@ -1,0 +1,332 @@
+"""Client of the mixer service: the same ``IterableDataset`` and state API as
+:class:`mixer.dataset.MixedDataset`, with the samples streamed from ``cpt mix serve``.
+
+    ds = ServiceMixedDataset("http://mixer:8470", rank=r, world_size=w, token=..., spec=blend)
+    loader = StatefulDataLoader(ds, batch_size=ds.loader_batch_size, num_workers=2)
+
+The client keeps its :class:`~mixer.stream.MixState` itself (the server is stateless): every
+sample frame carries the state after it, and a dropped connection is reopened, with exponential
+backoff, from the state after the last sample handed out, so the stream continues byte-identical
+(on the same server after a restart, or on any other replica of the same blend). If no server
+answers for ``retry_s`` seconds, iteration fails with one :class:`~cpt.errors.CptError` line naming
+the URL. See docs/service.md.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from torch.utils.data import IterableDataset, get_worker_info
+
+from cpt.errors import ConfigError, CptError
+from mixer import wire
+from mixer.schedule import MixPoint
+from mixer.spec import ResolvedBlend, blend_from_json, load_spec_file, resolve
+from mixer.stream import MixState, find_states, merge_states
+
+TOKEN_ENV = "CPT_MIX_TOKEN"
+WIRE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Timeouts and the reconnect policy of :class:`ServiceMixedDataset`."""
+
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 300.0  # no byte for this long: the connection is treated as dropped
+    retry_s: float = 120.0  # give up when no server answered for this long
+    backoff_s: float = 0.1  # first reconnect delay; doubles, capped at max_backoff_s
+    max_backoff_s: float = 5.0
+
+
+class _Transient(Exception):
+    """A failure worth reconnecting for (refused/reset/cut connection, 5xx)."""
+
+
+def expected_fingerprint(spec: str | Path | dict[str, Any] | ResolvedBlend) -> str:
+    """The blend fingerprint a spec stands for: a resolved blend (object, dict or JSON/YAML file)
+    gives it directly; a bare 16-hex-digit string is taken as a fingerprint; an unresolved spec is
+    resolved (which reads the store's manifests)."""
+    if isinstance(spec, ResolvedBlend):
+        return spec.fingerprint
+    if isinstance(spec, str) and len(spec) == 16 and all(c in "0123456789abcdef" for c in spec):
+        return spec
+    data = spec if isinstance(spec, dict) else load_spec_file(spec)
+    if data.get("resolved"):
+        return blend_from_json(data).fingerprint
+    return resolve(data)[0].fingerprint
+
+
+class ServiceMixedDataset(IterableDataset):
+    """The mixer's stream for ``(rank, world_size)``, served by a mixer service at ``url``."""
+
+    def __init__(
+        self,
+        url: str,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        token: str | None = None,
+        spec: str | Path | dict[str, Any] | ResolvedBlend | None = None,
+        loader_batch_size: int | None = None,
+        config: ClientConfig | None = None,
+    ):
+        super().__init__()
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"mixer service URL must be http(s)://host:port, not {url!r}")
+        self.url = url.rstrip("/")
+        self._scheme, self._host = parts.scheme, parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        self.config = config or ClientConfig()
+        info = json.loads(self._get("/v1/blend"))
+        if info.get("wire") != WIRE_VERSION:
+            raise ConfigError(f"mixer service {self.url} speaks wire version {info.get('wire')}, "
+                              f"this client {WIRE_VERSION}")
+        self.blend = blend_from_json(info["blend"])
+        if info.get("fingerprint") != self.blend.fingerprint:
+            raise ConfigError(f"mixer service {self.url} sent an inconsistent blend")
+        if spec is not None:
+            want = expected_fingerprint(spec)
+            if want != self.blend.fingerprint:
+                raise ConfigError(f"mixer service {self.url} serves blend {self.blend.fingerprint}, "
+                                  f"but the expected blend is {want}")
+        self._windows = [int(w) for w in info["windows_per_epoch"]]
+        g = self.blend.spec.global_batch_size
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"invalid rank {rank} of world size {world_size}")
+        if g % world_size:
+            raise ConfigError(f"global_batch_size {g} is not divisible by the data-parallel world size {world_size}")
+        self.rank = rank
+        self.world_size = world_size
+        self.local_batch_size = g // world_size
+        self.loader_batch_size = loader_batch_size or self.local_batch_size
+        self._state = MixState(self.blend.fingerprint, world_size, MixPoint.start(len(self.blend.names)), 0)
+        self._samples = [0] * len(self.blend.names)
+        self._bytes = 0
+        self._reconnects = 0
+
+    # ---- contract (as MixedDataset) ------------------------------------------------------
+    @property
+    def source_names(self) -> list[str]:
+        return self.blend.names
+
+    @property
+    def source_versions(self) -> list[str]:
+        return [s.spec for s in self.blend.sources]
+
+    @property
+    def seq_len(self) -> int:
+        return self.blend.spec.seq_len
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.blend.spec.global_batch_size
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this dataset's iteration continues: the same format as MixedDataset's."""
+        return self._state.to_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A state of this dataset or of a MixedDataset of the same blend (any world size at a
+        step boundary), or a whole ``StatefulDataLoader`` state (worker states are merged)."""
+        found = find_states(state)
+        if len(found) > 1 and not state.get("mixer_state"):
+            state = merge_states(found)
+        elif found:
+            state = found[0]
+        s = MixState.from_dict(state)
+        if s.blend != self.blend.fingerprint:
+            raise ConfigError(f"mixer state belongs to blend {s.blend}, not to this blend {self.blend.fingerprint}")
+        if len(s.point.counts) != len(self.blend.names):
+            raise ConfigError("mixer state has a different number of sources than the blend")
+        self._state = s.rescaled(self.world_size, self.global_batch_size)
+
+    def epochs(self) -> dict[str, float]:
+        """Epochs per source consumed up to the step of the current state (all ranks)."""
+        return {n: c / w for n, c, w in zip(self.source_names, self._state.point.counts, self._windows, strict=True)}
+
+    def state_counts(self) -> dict[str, int]:
+        """Global samples served per source up to the step of the current state."""
+        return dict(zip(self.source_names, self._state.point.counts, strict=True))
+
+    def describe(self) -> dict[str, Any]:
+        """What a run record needs: the resolved blend, and where it was served from."""
+        return {"kind": "mixer", "service": self.url, "blend": self.blend.to_json(),
+                "source_names": self.source_names, "source_versions": self.source_versions,
+                "seq_len": self.seq_len, "global_batch_size": self.global_batch_size, "epochs": self.epochs()}
+
+    def stats(self) -> dict[str, Any]:
+        """Samples/tokens per source received by this process, bytes received, reconnects."""
+        return {
+            "samples_per_source": dict(zip(self.source_names, self._samples, strict=True)),
+            "tokens_per_source": {n: c * self.seq_len for n, c in zip(self.source_names, self._samples, strict=True)},
+            "bytes_received": self._bytes,
+            "reconnects": self._reconnects,
+        }
+
+    def validation_samples(self, source: int, count: int) -> list[dict[str, Any]]:
+        """``count`` fixed windows of source ``source``'s held-out split (as MixedDataset's)."""
+        if not 0 <= source < len(self.source_names):
+            raise ConfigError(f"no source {source} (the blend has {len(self.source_names)})")
+        if count < 1:
+            return []
+        query = urlencode({"source": self.source_names[source], "count": count})
+        body = self._get(f"/v1/validation?{query}", binary=True)
+        reader = wire.FrameReader(_Bytes(body))
+        head = reader.head()
+        out = []
+        while True:
+            kind, val = reader.frame(head)
+            if kind == "S":
+                out.append(val[0])
+            elif kind == "E":
+                return out
+            elif kind == "X":
+                raise CptError(f"mixer service {self.url}: {val}")
+
+    # ---- iteration -------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = (info.id, info.num_workers, self.loader_batch_size) if info else (0, 1, self.loader_batch_size)
+        retry = _Backoff(self.config, self.url)
+        while True:
+            conn = None
+            try:
+                conn, resp = self._open_samples(worker)
+                reader = wire.FrameReader(resp)
+                head = reader.head()
+                self._check_head(head)
+                point = self._state.point
+                while True:
+                    try:
+                        kind, val = reader.frame(head)
+                    finally:
+                        self._bytes += reader.bytes_read
+                        reader.bytes_read = 0
+                    if kind == "S":
+                        sample, nxt = val
+                        self._state = MixState(self.blend.fingerprint, self.world_size, point, nxt,
+                                               worker if worker[1] > 1 else None)
+                        self._samples[sample["source"]] += 1
+                        retry.reset()
+                        yield sample
+                    elif kind == "P":
+                        point = MixPoint(*val)
+                    elif kind == "X":
+                        raise CptError(f"mixer service {self.url}: {val}")
+                    else:  # "E": the server ended the stream; continue on a new request
+                        break
+            except (_Transient, OSError, EOFError, http.client.HTTPException) as exc:
+                self._reconnects += 1
+                retry.wait(exc)
+            finally:
+                if conn is not None:
+                    conn.close()
+
+    # ---- HTTP ------------------------------------------------------------------------------
+    def _connect(self) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+        conn = cls(self._host, self._port, timeout=self.config.connect_timeout_s)
+        conn.connect()
+        conn.sock.settimeout(self.config.read_timeout_s)
+        return conn
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+
+    def _check_status(self, resp: http.client.HTTPResponse, what: str) -> None:
+        if resp.status == 200:
+            return
+        text = resp.read(2000).decode("utf-8", "replace").strip().splitlines()
+        msg = text[0] if text else resp.reason
+        if resp.status >= 500 or resp.status == 429:
+            raise _Transient(f"HTTP {resp.status} {msg}")
+        if resp.status == 401:
+            raise ConfigError(f"mixer service {self.url} refused {what}: unauthorized (HTTP 401; "
+                              f"pass token= or set {TOKEN_ENV})")
+        err = ConfigError if resp.status in (400, 409, 413) else CptError
+        raise err(f"mixer service {self.url} refused {what}: HTTP {resp.status}: {msg}")
+
+    def _get(self, path: str, binary: bool = False) -> bytes:
+        retry = _Backoff(self.config, self.url)
+        while True:
+            conn = None
+            try:
+                conn = self._connect()
+                conn.request("GET", path, headers=self._headers())
+                resp = conn.getresponse()
+                self._check_status(resp, f"GET {path}")
+                return resp.read()
+            except (_Transient, OSError, http.client.HTTPException) as exc:
+                retry.wait(exc)
+            finally:
+                if conn is not None:
+                    conn.close()
+
+    def _open_samples(self, worker: tuple[int, int, int]) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        body = json.dumps({"fingerprint": self.blend.fingerprint, "rank": self.rank, "world_size": self.world_size,
+                           "state": self._state.to_dict(), "worker": list(worker),
+                           "sources": self.source_names}).encode()
+        conn = self._connect()
+        try:
+            conn.request("POST", "/v1/samples", body=body,
+                         headers={"Content-Type": "application/json", **self._headers()})
+            resp = conn.getresponse()
+            self._check_status(resp, "the sample stream")
+        except BaseException:
+            conn.close()
+            raise
+        return conn, resp
+
+    def _check_head(self, head: wire.StreamHead) -> None:
+        if head.fingerprint != self.blend.fingerprint or head.seq_len != self.seq_len \
+                or head.n_sources != len(self.source_names):
+            raise ConfigError(f"mixer service {self.url} now serves blend {head.fingerprint}, "
+                              f"not {self.blend.fingerprint}")
+
+
+class _Backoff:
+    """Exponential backoff bounded in total time; the clock starts at the first failure."""
+
+    def __init__(self, config: ClientConfig, url: str):
+        self.config, self.url = config, url
+        self.reset()
+
+    def reset(self) -> None:
+        self.delay = self.config.backoff_s
+        self.since: float | None = None
+        self.attempts = 0
+
+    def wait(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        self.attempts += 1
+        if now - self.since + self.delay > self.config.retry_s:
+            detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+            raise CptError(f"mixer service {self.url} is unreachable: gave up after {now - self.since:.1f}s and "
+                           f"{self.attempts} attempts ({type(exc).__name__}: {detail})") from None
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, self.config.max_backoff_s)
+
+
+class _Bytes:
+    """``read1`` over an in-memory body (for :class:`mixer.wire.FrameReader`)."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def read1(self, n: int) -> bytes:
+        out = self.data[self.pos: self.pos + n]
+        self.pos += len(out)
+        return out

@@ -1,0 +1,536 @@
+"""``cpt mix serve``: the mixer as an HTTP service that trainer ranks stream their samples from.
+
+The service holds one resolved blend and one :class:`~mixer.blocks.BlockLoader` (disk + memory
+cache, read-ahead) shared by all clients. It keeps no per-client state: every ``POST /v1/samples``
+carries the client's :class:`~mixer.stream.MixState`, and since the stream is a pure function of
+(blend, rank, world size, state), any replica serving the same blend continues any client
+exactly. Endpoints, wire format, security and metrics: docs/service.md; frames: mixer/wire.py.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from corpus.reader import DatasetVersion
+from cpt.errors import ConfigError, CptError
+from mixer import wire
+from mixer.blocks import BlockLoader, CacheConfig
+from mixer.spec import ResolvedBlend
+from mixer.stream import MixState, MixStream
+
+log = logging.getLogger(__name__)
+
+WIRE_VERSION = 1
+CONTENT_TYPE = "application/x-cpt-mix"
+ENDPOINTS = ("/healthz", "/metrics", "/v1/blend", "/v1/samples", "/v1/validation")
+REQUEST_KEYS = {"fingerprint", "rank", "world_size", "state", "worker", "max_samples", "sources"}
+MAX_VALIDATION_TOKENS = 64 << 20  # per request
+MAX_REPLAN_STEPS = 256  # how far a state's `next` may lie beyond its `step` (beyond worker dealing)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """How the service listens and what it accepts (see docs/service.md)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8470  # 0: any free port
+    token: str | None = None  # shared secret (Authorization: Bearer ...); required off loopback
+    max_body_bytes: int = 16 << 10  # POST bodies larger than this get 413
+    max_clients: int = 256  # concurrent sample streams; more get 503
+    request_timeout_s: float = 10.0  # to receive a request (headers + body)
+    send_timeout_s: float = 300.0  # a client that reads nothing for this long is dropped
+    flush_bytes: int = 256 << 10  # frames are sent in writes of about this size ...
+    flush_interval_s: float = 0.01  # ... or after this long, whichever comes first
+    max_validation_windows: int = 4096
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class HttpError(Exception):
+    """An error reply: status code and a short text body."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class ServiceMetrics:
+    """Counters behind ``GET /metrics`` (Prometheus text format)."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.lock = threading.Lock()
+        self.samples = [0] * len(names)
+        self.tokens = [0] * len(names)
+        self.bytes_sent = 0
+        self.active = 0
+        self.streams = 0
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.started = time.time()
+
+    def add_samples(self, per_source: list[int], tokens_per_sample: int, nbytes: int) -> None:
+        with self.lock:
+            for i, c in enumerate(per_source):
+                self.samples[i] += c
+                self.tokens[i] += c * tokens_per_sample
+            self.bytes_sent += nbytes
+
+    def request(self, endpoint: str, status: int) -> None:
+        with self.lock:
+            self.requests[(endpoint if endpoint in ENDPOINTS else "other", status)] += 1
+
+    def render(self, fingerprint: str, io: dict[str, int]) -> str:
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, rows: list[tuple[str, float]]) -> None:
+            lines.append(f"# HELP {name} {help_}")
+            lines.append(f"# TYPE {name} {kind}")
+            lines.extend(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}"
+                         for labels, value in rows)
+
+        with self.lock:
+            src = [f'{{source="{n}"}}' for n in self.names]
+            metric("mixer_blend_info", "gauge", "The served blend.", [(f'{{fingerprint="{fingerprint}"}}', 1)])
+            metric("mixer_samples_served_total", "counter", "Samples sent to clients.", [("", sum(self.samples))])
+            metric("mixer_tokens_served_total", "counter", "Training tokens sent (seq_len per sample).",
+                   [("", sum(self.tokens))])
+            metric("mixer_source_samples_served_total", "counter", "Samples sent, per source.",
+                   list(zip(src, self.samples, strict=True)))
+            metric("mixer_source_tokens_served_total", "counter", "Training tokens sent, per source.",
+                   list(zip(src, self.tokens, strict=True)))
+            metric("mixer_bytes_sent_total", "counter", "Sample stream bytes sent.", [("", self.bytes_sent)])
+            metric("mixer_active_clients", "gauge", "Sample streams open now.", [("", self.active)])
+            metric("mixer_client_streams_total", "counter", "Sample streams opened.", [("", self.streams)])
+            metric("mixer_requests_total", "counter", "HTTP requests by endpoint and status.",
+                   [(f'{{endpoint="{e}",code="{c}"}}', v) for (e, c), v in sorted(self.requests.items())])
+            up = time.time() - self.started
+        mem, disk, fetched = io.get("blocks_memory_hits", 0), io.get("blocks_disk_hits", 0), io.get("blocks_fetched", 0)
+        metric("mixer_cache_blocks_total", "counter", "Block lookups by where the block came from.",
+               [('{result="memory_hit"}', mem), ('{result="disk_hit"}', disk), ('{result="fetched"}', fetched)])
+        lookups = mem + disk + fetched
+        metric("mixer_cache_hit_ratio", "gauge", "Block lookups served from memory or disk cache.",
+               [("", float((mem + disk) / lookups) if lookups else 0.0)])
+        metric("mixer_store_bytes_fetched_total", "counter", "Bytes read from the object store.",
+               [("", io.get("bytes_fetched", 0))])
+        metric("mixer_store_retries_total", "counter", "Retried store reads.", [("", io.get("retries", 0))])
+        metric("mixer_uptime_seconds", "gauge", "Seconds since the service started.", [("", float(round(up, 3)))])
+        return "\n".join(lines) + "\n"
+
+
+class MixService:
+    """The HTTP service for one resolved blend: ``start()`` serves in a background thread,
+    ``close()`` stops it (open streams end without an end frame; clients reconnect elsewhere)."""
+
+    def __init__(self, blend: ResolvedBlend, datasets: list[DatasetVersion],
+                 config: ServiceConfig | None = None, cache: CacheConfig | None = None):
+        self.config = config or ServiceConfig()
+        if not is_loopback(self.config.host) and not self.config.token:
+            raise ConfigError(f"binding the mixer service to {self.config.host} (not loopback) needs a shared "
+                              f"token: --token-file FILE or the CPT_MIX_TOKEN environment variable")
+        if self.config.token is not None and not self.config.token.strip():
+            raise ConfigError("the mixer service token is empty")
+        self.blend = blend
+        self.datasets = datasets
+        self.cache = cache or CacheConfig()
+        self.loader = BlockLoader(datasets, self.cache)
+        self.probe = MixStream(blend, datasets, 0, 1, self.cache, loader=self.loader)
+        self.names = blend.names
+        self.u16 = [ds.dtype.itemsize == 2 for ds in datasets]
+        self.metrics = ServiceMetrics(self.names)
+        self.stopping = threading.Event()
+        self.blend_json = json.dumps({
+            "wire": WIRE_VERSION, "fingerprint": blend.fingerprint, "blend": blend.to_json(),
+            "windows_per_epoch": [pk.windows_per_epoch for pk in self.probe.packings],
+            "token_bits": [16 if u else 32 for u in self.u16],
+        }).encode()
+        handler = type("MixHandler", (_Handler,), {"service": self, "timeout": self.config.request_timeout_s})
+        try:
+            self.server = _Server((self.config.host, self.config.port), handler)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror or exc}") from exc
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        host = f"[{host}]" if ":" in str(host) else host
+        return f"http://{host}:{port}"
+
+    def start(self) -> MixService:
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="mixer-service", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self.stopping.set()
+        if self._thread is not None:
+            self.server.shutdown()
+            self._thread.join()
+            self._thread = None
+        self.server.server_close()
+        self.loader.close()
+
+    def __enter__(self) -> MixService:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- request handling (called from handler threads) ----------------------------------
+    def authorized(self, header: str | None) -> bool:
+        if not self.config.token:
+            return True
+        return hmac.compare_digest((header or "").encode(), f"Bearer {self.config.token}".encode())
+
+    def parse_samples_request(self, body: bytes) -> tuple[int, int, MixState | None, tuple[int, int, int], int | None]:
+        try:
+            req = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise HttpError(400, f"request body is not JSON: {exc}") from exc
+        if not isinstance(req, dict):
+            raise HttpError(400, "request body must be a JSON object")
+        unknown = sorted(set(req) - REQUEST_KEYS)
+        if unknown:
+            raise HttpError(400, f"unknown request field(s): {', '.join(unknown)}")
+        fp = req.get("fingerprint")
+        if not isinstance(fp, str):
+            raise HttpError(400, "request needs the blend 'fingerprint' (GET /v1/blend)")
+        if fp != self.blend.fingerprint:
+            raise HttpError(409, f"this server serves blend {self.blend.fingerprint}, not {fp[:64]}")
+        sources = req.get("sources")
+        if sources is not None:
+            if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+                raise HttpError(400, "'sources' must be a list of source names")
+            missing = [s for s in sources if s not in self.names]
+            if missing:
+                raise HttpError(404, f"source(s) not in the served blend: {', '.join(s[:64] for s in missing[:8])}")
+            if sources != self.names:
+                raise HttpError(409, f"served blend has sources {self.names}, not {sources}")
+        rank, world = _int_field(req, "rank", 0), _int_field(req, "world_size", 1)
+        g = self.blend.spec.global_batch_size
+        if world < 1 or world > g or not 0 <= rank < world or g % world:
+            raise HttpError(400, f"invalid rank {rank} of world size {world} (global batch {g})")
+        b = g // world
+        worker_raw = req.get("worker")
+        if worker_raw is None:
+            worker = (0, 1, b)
+        else:
+            if (not isinstance(worker_raw, list) or len(worker_raw) != 3
+                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in worker_raw)):
+                raise HttpError(400, "'worker' must be [worker id, number of workers, loader batch size]")
+            wid, nw, lb = worker_raw
+            if not (1 <= nw <= 1024 and 0 <= wid < nw and 1 <= lb <= 1 << 20):
+                raise HttpError(400, f"invalid worker {worker_raw}")
+            worker = (wid, nw, lb)
+        max_samples = req.get("max_samples")
+        if max_samples is not None and (not isinstance(max_samples, int) or isinstance(max_samples, bool)
+                                        or max_samples < 1):
+            raise HttpError(400, "'max_samples' must be an integer >= 1")
+        state = None
+        if req.get("state") is not None:
+            state = self._parse_state(req["state"], world, worker)
+        return rank, world, state, worker, max_samples
+
+    def _parse_state(self, raw: Any, world: int, worker: tuple[int, int, int]) -> MixState:
+        try:
+            state = MixState.from_dict(raw)
+        except CptError as exc:
+            raise HttpError(400, str(exc)[:300]) from exc
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise HttpError(400, f"malformed mixer state: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        if state.blend != self.blend.fingerprint:
+            raise HttpError(409, f"mixer state belongs to blend {str(state.blend)[:64]}, this server serves "
+                                 f"{self.blend.fingerprint}")
+        g = self.blend.spec.global_batch_size
+        p = state.point
+        k = len(self.names)
+        if len(p.counts) != k or len(p.deficit) != k:
+            raise HttpError(400, f"mixer state has {len(p.counts)} sources, the blend {k}")
+        if state.world_size < 1 or g % state.world_size:
+            raise HttpError(400, f"mixer state has an invalid world size {state.world_size}")
+        if p.step < 0 or state.next < 0 or min(p.counts) < 0 or sum(p.counts) != p.step * g \
+                or max(abs(d) for d in p.deficit) >= 1 << 62 or p.step >= 1 << 40:
+            raise HttpError(400, "inconsistent mixer state (counts must sum to step x global batch)")
+        if state.worker is not None and (len(state.worker) != 3 or not all(isinstance(x, int) for x in state.worker)):
+            raise HttpError(400, "malformed mixer state worker")
+        try:
+            state = state.rescaled(world, g)
+        except ConfigError as exc:
+            raise HttpError(400, str(exc)) from exc
+        b = g // world
+        _wid, nw, lb = worker
+        gap = (state.next + nw * lb) // b - p.step
+        if state.next < p.step * b or gap > MAX_REPLAN_STEPS + (nw * lb) // b:
+            raise HttpError(400, f"inconsistent mixer state: position {state.next} is not in step {p.step}")
+        return state
+
+    def validation_args(self, query: str) -> tuple[int, int]:
+        q = parse_qs(query, keep_blank_values=True)
+        src_raw = (q.get("source") or [""])[0]
+        count_raw = (q.get("count") or [""])[0]
+        if src_raw in self.names:
+            src = self.names.index(src_raw)
+        elif src_raw.isdigit() and int(src_raw) < len(self.names):
+            src = int(src_raw)
+        else:
+            raise HttpError(404, f"source {src_raw[:64]!r} is not in the served blend {self.names}")
+        if not count_raw.isdigit() or not 1 <= int(count_raw) <= self.config.max_validation_windows \
+                or int(count_raw) * (self.blend.spec.seq_len + 1) > MAX_VALIDATION_TOKENS:
+            raise HttpError(400, f"count must be an integer in 1..{self.config.max_validation_windows} "
+                                 f"(and at most {MAX_VALIDATION_TOKENS} tokens)")
+        return src, int(count_raw)
+
+
+def _int_field(req: dict[str, Any], key: str, default: int) -> int:
+    v = req.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or abs(v) > 1 << 31:
+        raise HttpError(400, f"'{key}' must be an integer")
+    return v
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:  # no traceback soup
+        log.exception("mixer service: unhandled error for %s", client_address)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class _Handler(BaseHTTPRequestHandler):
+    service: MixService
+    server_version = "cpt-mixer/1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # ---- plumbing ----------------------------------------------------------------------------
+    def _endpoint(self) -> str:
+        return urlsplit(self.path).path if getattr(self, "path", None) else "other"
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Also used by the stdlib for malformed request lines/headers: a short text body."""
+        self._reply(code, (message or self.responses.get(code, ("error",))[0]) + "\n")
+
+    def _reply(self, status: int, body: str | bytes, ctype: str = "text/plain; charset=utf-8",
+               headers: dict[str, str] | None = None) -> None:
+        data = body.encode() if isinstance(body, str) else body
+        self.service.metrics.request(self._endpoint(), status)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Connection", "close")
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def _dispatch(self, fn: Any) -> None:
+        try:
+            fn()
+        except HttpError as exc:
+            self._reply(exc.status, exc.message + "\n",
+                        headers={"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+        except (_ClientGone, TimeoutError, ConnectionError):
+            self.close_connection = True
+        except Exception as exc:  # noqa: BLE001 - a request must never take the server down
+            log.exception("mixer service: error handling %s %s", self.command, self.path[:200])
+            self._reply(500, f"internal error: {type(exc).__name__}\n")
+
+    def _check_auth(self) -> None:
+        if not self.service.authorized(self.headers.get("Authorization")):
+            raise HttpError(401, "missing or wrong bearer token")
+
+    # ---- methods -------------------------------------------------------------------------
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        self._dispatch(self._get)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._dispatch(self._get)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch(self._post)
+
+    def _not_allowed(self) -> None:
+        self._dispatch(self._refuse_method)
+
+    def _refuse_method(self) -> None:
+        raise HttpError(405, f"method {self.command} not allowed")
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
+
+    def _get(self) -> None:
+        svc = self.service
+        url = urlsplit(self.path)
+        if url.path == "/healthz":
+            self._reply(200, f"ok {svc.blend.fingerprint}\n")
+            return
+        self._check_auth()
+        if url.path == "/metrics":
+            self._reply(200, svc.metrics.render(svc.blend.fingerprint, svc.loader.stats.as_dict()),
+                        "text/plain; version=0.0.4; charset=utf-8")
+        elif url.path == "/v1/blend":
+            self._reply(200, svc.blend_json, "application/json")
+        elif url.path == "/v1/validation":
+            src, count = svc.validation_args(url.query)
+            samples = svc.probe.validation_samples(src, count)
+            out = [wire.stream_header(svc.blend.fingerprint, svc.blend.spec.seq_len, len(svc.names))]
+            out += [wire.sample_frame(s, 0, svc.u16[src]) for s in samples]
+            out.append(wire.end_frame(len(samples)))
+            self._reply(200, b"".join(out), CONTENT_TYPE)
+        elif url.path == "/v1/samples":
+            raise HttpError(405, "use POST for /v1/samples")
+        else:
+            raise HttpError(404, f"no such endpoint {url.path[:100]}")
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding"):
+            raise HttpError(411, "send the body with a Content-Length (no transfer encoding)")
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            raise HttpError(411, "Content-Length required")
+        if not raw.strip().isdigit():
+            raise HttpError(400, "bad Content-Length")
+        n = int(raw)
+        if n > self.service.config.max_body_bytes:
+            raise HttpError(413, f"request body of {n} bytes is larger than {self.service.config.max_body_bytes}")
+        data = self.rfile.read(n)
+        if len(data) != n:
+            raise _ClientGone()
+        return data
+
+    def _post(self) -> None:
+        svc = self.service
+        path = urlsplit(self.path).path
+        self._check_auth()
+        if path != "/v1/samples":
+            raise HttpError(404 if path not in ENDPOINTS else 405, f"no POST endpoint {path[:100]}")
+        body = self._read_body()
+        rank, world, state, worker, max_samples = svc.parse_samples_request(body)
+        with svc.metrics.lock:
+            if svc.metrics.active >= svc.config.max_clients:
+                raise HttpError(503, f"too many clients ({svc.config.max_clients}); retry later")
+            svc.metrics.active += 1
+            svc.metrics.streams += 1
+        try:
+            self._stream(rank, world, state, worker, max_samples)
+        finally:
+            with svc.metrics.lock:
+                svc.metrics.active -= 1
+
+    def _stream(self, rank: int, world: int, state: MixState | None, worker: tuple[int, int, int],
+                max_samples: int | None) -> None:
+        svc = self.service
+        cfg = svc.config
+        ms = MixStream(svc.blend, svc.datasets, rank, world, svc.cache, loader=svc.loader)
+        gen = ms.samples(state or ms.initial_state(), worker)
+        try:
+            try:  # the first sample before the 200: a bad state is still a 4xx
+                first = next(gen)
+            except ConfigError as exc:
+                raise HttpError(400, str(exc)[:500]) from exc
+            except CptError as exc:
+                raise HttpError(502, f"cannot read the data: {str(exc)[:500]}") from exc
+            svc.metrics.request("/v1/samples", 200)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE)
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Connection", "close")
+            self.send_header("X-Mix-Fingerprint", svc.blend.fingerprint)
+            self.end_headers()
+            self.close_connection = True
+            self.connection.settimeout(cfg.send_timeout_s)
+            self._send_frames(first, gen, max_samples)
+        finally:
+            gen.close()
+            ms.close()
+
+    def _send_frames(self, first: tuple[dict, MixState], gen: Any, max_samples: int | None) -> None:
+        svc = self.service
+        cfg = svc.config
+        seq_len = svc.blend.spec.seq_len
+        buf = bytearray(wire.stream_header(svc.blend.fingerprint, seq_len, len(svc.names)))
+        per_source = [0] * len(svc.names)
+        last_point = None
+        sent = 0
+        last_flush = time.monotonic()
+
+        def flush() -> None:
+            nonlocal last_flush
+            try:
+                self.wfile.write(buf)
+            except OSError as exc:
+                raise _ClientGone() from exc
+            svc.metrics.add_samples(per_source, seq_len, len(buf))
+            per_source[:] = [0] * len(per_source)
+            buf.clear()
+            last_flush = time.monotonic()
+
+        item: tuple[dict, MixState] | None = first
+        try:
+            while item is not None:
+                sample, st = item
+                if st.point is not last_point and st.point != last_point:
+                    buf += wire.point_frame(st.point.step, st.point.counts, st.point.deficit)
+                last_point = st.point
+                buf += wire.sample_frame(sample, st.next, svc.u16[sample["source"]])
+                per_source[sample["source"]] += 1
+                sent += 1
+                if max_samples is not None and sent >= max_samples:
+                    buf += wire.end_frame(sent)
+                    break
+                if svc.stopping.is_set():
+                    break
+                if len(buf) >= cfg.flush_bytes or time.monotonic() - last_flush >= cfg.flush_interval_s:
+                    flush()
+                item = next(gen)
+        except CptError as exc:  # the data could not be read: tell the client, end the stream
+            log.error("mixer service: %s", exc)
+            buf += wire.error_frame(str(exc))
+        except (_ClientGone, TimeoutError, ConnectionError):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            log.exception("mixer service: error producing samples")
+            buf += wire.error_frame(f"internal error in the mixer service: {type(exc).__name__}: {exc}")
+        if buf:
+            flush()
+
+
+def serve_forever(service: MixService, stop: threading.Event) -> None:
+    """Run ``service`` until ``stop`` is set (the CLI sets it on SIGTERM/SIGINT)."""
+    service.start()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        service.close()
+
+
