@@ -19,7 +19,8 @@ DEFAULTS: dict[str, Any] = {
     "model": {"flavor": "tiny_moe", "router": "aux_loss", "attention": "sdpa",
               "aux_loss_coeff": 0.01, "z_loss_coeff": 0.001, "load_balance_coeff": 0.001,
               "vocab_size": None},
-    "data": {"kind": "synthetic", "blend": "", "seed": 0, "weights": [0.5, 0.5]},
+    "data": {"kind": "synthetic", "blend": "", "seed": 0, "weights": [0.5, 0.5],
+             "service_url": "", "service_token_env": ""},
     "training": {"steps": 20, "seq_len": 64, "local_batch_size": 2, "global_batch_size": -1,
                  "seed": 0, "max_norm": 1.0, "mixed_precision_param": "float32",
                  "deterministic": False},
@@ -102,6 +103,12 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"schedule.kind must be one of {', '.join(SCHEDULES)}")
     if cfg["data"]["kind"] not in ("synthetic", "mixer"):
         raise ConfigError("data.kind must be 'synthetic' or 'mixer'")
+    d = cfg["data"]
+    if d["kind"] == "mixer" and not (d["blend"] or d["service_url"]):
+        raise ConfigError("data.kind=mixer needs data.blend (a blend spec file) or "
+                          "data.service_url (a mixer service)")
+    if d["service_url"] and d["kind"] != "mixer":
+        raise ConfigError("data.service_url needs data.kind=mixer")
     if int(p["nproc"]) < 1:
         raise ConfigError("parallel.nproc must be >= 1")
     dp = int(p["nproc"]) if int(p["dp_shard"]) == -1 else int(p["dp_shard"])
@@ -172,7 +179,9 @@ def to_trainer_config(cfg: dict[str, Any]) -> Any:
         dump_folder=str(run["output_dir"]),
         tokenizer=NullTokenizer.Config(vocab_size=vocab),
         dataloader=CptDataLoader.Config(kind=d["kind"], blend=str(d["blend"]), seed=int(d["seed"]),
-                                        vocab_size=vocab, weights=[float(w) for w in d["weights"]]),
+                                        vocab_size=vocab, weights=[float(w) for w in d["weights"]],
+                                        service_url=str(d["service_url"]),
+                                        service_token_env=str(d["service_token_env"])),
         loss=CrossEntropyLoss.Config(),
         optimizer=default_adamw(lr=float(cfg["optimizer"]["lr"]),
                                 weight_decay=float(cfg["optimizer"]["weight_decay"])),

@@ -2,8 +2,9 @@
 
 A data source is an ``IterableDataset`` for one DP rank yielding ``tokens``/``positions``
 (``seq_len + 1``) and ``source``, with a tiny global ``state_dict()`` (see
-``trainer/synthetic_data.py`` and the mixer issue). :func:`build_source` is the single place the
-mixer is plugged in (``data.kind = "mixer"``).
+``trainer/synthetic_data.py`` and docs/mixer.md). :func:`build_source` is the single place the
+mixer is plugged in (``data.kind = "mixer"``): in-process ``mixer.dataset.MixedDataset``, or the
+mixer service client ``mixer.client.ServiceMixedDataset`` when ``data.service_url`` is set.
 
 The loader keeps no prefetch of its own, so the source's state after a step is exactly "the
 next global step", identical on every rank: checkpoints resume on any DP size dividing the
@@ -12,7 +13,9 @@ global batch size (torchtitan's stock loader asserts the DP size is unchanged).
 
 from __future__ import annotations
 
+import os
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +50,56 @@ class NullTokenizer(BaseTokenizer):
         return self.vocab_size
 
 
+def _mixer_source(cfg: CptDataLoader.Config, rank: int, world_size: int) -> Any:
+    """The in-process mixer dataset, or the service client when ``service_url`` is set.
+
+    ``cfg.resolved_blend`` (the resolved blend recorded in a run's ``run.json``) takes precedence
+    over ``cfg.blend``: a resumed run keeps the pinned dataset versions even if a ref such as
+    ``@latest`` moved since.
+    """
+    spec: Any = cfg.resolved_blend or cfg.blend
+    if cfg.service_url:
+        try:
+            from mixer.client import ServiceMixedDataset
+        except ImportError as exc:
+            raise ConfigError(
+                f"data.service_url is set but the mixer service client is not available "
+                f"(import mixer.client.ServiceMixedDataset failed: {exc})"
+            ) from exc
+        token = None
+        if cfg.service_token_env:
+            token = os.environ.get(cfg.service_token_env)
+            if not token:
+                raise ConfigError(f"data.service_token_env: environment variable "
+                                  f"{cfg.service_token_env} is not set")
+        return ServiceMixedDataset(cfg.service_url, rank=rank, world_size=world_size,
+                                   token=token, spec=spec or None)
+    try:
+        import mixer.dataset as mixer_dataset
+    except ImportError as exc:
+        raise ConfigError(
+            f"data.kind=mixer: mixer not available (import mixer.dataset failed: {exc})"
+        ) from exc
+    if not spec:
+        raise ConfigError("data.kind=mixer needs data.blend (a blend spec file) or "
+                          "data.service_url (a mixer service)")
+    return mixer_dataset.MixedDataset(spec, rank=rank, world_size=world_size)
+
+
+def check_source_shape(source: Any, *, what: str, seq_len: int, global_batch_size: int,
+                       vocab_size: int) -> None:
+    """The source must produce what the model was configured for (one clear error otherwise)."""
+    if source.seq_len != seq_len:
+        raise ConfigError(f"{what} has seq_len {source.seq_len} but training.seq_len is {seq_len}")
+    if source.global_batch_size != global_batch_size:
+        raise ConfigError(f"{what} has global batch size {source.global_batch_size}; set "
+                          f"training.global_batch_size={source.global_batch_size}")
+    data_vocab = getattr(getattr(source, "blend", None), "vocab_size", None)
+    if data_vocab is not None and int(data_vocab) > vocab_size:
+        raise ConfigError(f"{what} was tokenized with a vocabulary of {data_vocab} tokens, more "
+                          f"than the model's {vocab_size}; set model.vocab_size={data_vocab}")
+
+
 def build_source(
     cfg: CptDataLoader.Config, *, seq_len: int, global_batch_size: int, rank: int, world_size: int
 ) -> Any:
@@ -57,22 +110,10 @@ def build_source(
             rank=rank, world_size=world_size, seed=cfg.seed, weights=tuple(cfg.weights),
         )
     if cfg.kind == "mixer":
-        try:
-            import mixer.dataset as mixer_dataset
-        except ImportError as exc:
-            raise ConfigError(
-                f"data.kind=mixer: mixer not available (import mixer.dataset failed: {exc})"
-            ) from exc
-        if not cfg.blend:
-            raise ConfigError("data.kind=mixer needs data.blend (a blend spec file)")
-        source = mixer_dataset.MixedDataset(cfg.blend, rank=rank, world_size=world_size)
-        if source.seq_len != seq_len:
-            raise ConfigError(f"blend {cfg.blend} has seq_len {source.seq_len} but "
-                              f"training.seq_len is {seq_len}")
-        if source.global_batch_size != global_batch_size:
-            raise ConfigError(f"blend {cfg.blend} has global batch size "
-                              f"{source.global_batch_size}; set training.global_batch_size="
-                              f"{source.global_batch_size}")
+        source = _mixer_source(cfg, rank, world_size)
+        what = f"mixer service {cfg.service_url}" if cfg.service_url else f"blend {cfg.blend}"
+        check_source_shape(source, what=what, seq_len=seq_len,
+                           global_batch_size=global_batch_size, vocab_size=cfg.vocab_size)
         return source
     raise ConfigError(f"data.kind must be 'synthetic' or 'mixer', not {cfg.kind!r}")
 
@@ -102,6 +143,9 @@ class CptDataLoader(BaseDataLoader):
         seed: int = 0
         vocab_size: int = 256
         weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
+        service_url: str = ""  # mixer service (mixer.client.ServiceMixedDataset)
+        service_token_env: str = ""  # env variable holding the service's bearer token
+        resolved_blend: dict = field(default_factory=dict)  # set on resume from run.json
         global_batch_size: int = -1  # set by the trainer from training.global_batch_size
 
     def __init__(
@@ -125,6 +169,10 @@ class CptDataLoader(BaseDataLoader):
         self.num_sources = len(self.source.source_names)
         self.tokens_per_source = np.zeros(self.num_sources, dtype=np.int64)
         self.last_sources: np.ndarray = np.zeros(0, dtype=np.int64)
+        # each yielded batch's sample sources, in order; the trainer pops one per forward (a
+        # step fetches all its microbatches before running them). Bounded for consumers
+        # that never pop (torchtitan's stock Trainer in the bench).
+        self.pending_sources: deque[np.ndarray] = deque(maxlen=256)
         self.fingerprint = 0  # sum of per-sample hashes; independent of the DP layout
         self.wait_seconds = 0.0
         self._iter: Iterator[dict[str, Any]] | None = None
@@ -142,6 +190,7 @@ class CptDataLoader(BaseDataLoader):
             self.last_sources = sources
             self.fingerprint += sample_hash(tokens)
             self.wait_seconds += time.perf_counter() - start
+            self.pending_sources.append(sources)
             yield {"input": tokens[:, :-1], "positions": positions[:, :-1]}, tokens[:, 1:]
 
     def state_dict(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from trainer.config import load_config
+from trainer.lineage import check_run_inputs
 
 
 def torchrun_command(config_path: str | None, overrides: Sequence[str], nproc: int) -> list[str]:
@@ -24,6 +25,8 @@ def launch(config_path: str | None, overrides: Sequence[str], *, dry_run: bool =
     """Run the training job; returns torchrun's exit code. ``log_path``: also write the
     processes' output there (stdout/stderr otherwise inherited)."""
     cfg = load_config(config_path, list(overrides))  # fail fast, before starting processes
+    run = cfg["run"]  # resume / CPT parent: its recorded dataset versions must be readable
+    check_run_inputs(run["output_dir"], run["phase"], str(run["parent_run_dir"]))
     nproc = int(cfg["parallel"]["nproc"])
     cmd = torchrun_command(config_path, overrides, nproc)
     if dry_run:

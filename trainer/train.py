@@ -7,7 +7,12 @@ Additions (each a small override of a torchtitan extension point):
 * CPT phase: start from a parent run's checkpoint (weights, optionally optimizer) with a fresh
   LR schedule, the parent recorded in ``run.json``;
 * per-step JSONL (``steps.jsonl``) and per-eval metrics (``metrics.jsonl``, TensorBoard);
-* global data accounting (tokens per source, a DP-layout-independent data fingerprint).
+* global data accounting (tokens per source, a DP-layout-independent data fingerprint) and
+  per-source training loss;
+* validation per source distribution (loss, router balance) and, in CPT runs, forgetting
+  (val loss now minus at the CPT start);
+* on resume / CPT start: the recorded dataset versions must still be readable, and a resumed
+  mixer-fed run reuses the resolved blend of its ``run.json``.
 """
 
 from __future__ import annotations
@@ -23,15 +28,19 @@ from typing import Any
 import numpy as np
 import spmd_types as spmd
 import torch
+import torch.nn.functional as F
 from torchtitan.components.dataloader import DataloaderExhaustedError
+from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.distributed import utils as dist_utils
+from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
 from cpt.errors import ConfigError
 from trainer import cpu_compat, init_guard
 from trainer.attention import DocumentSDPA, document_causal_mask
 from trainer.data import rebase_positions
-from trainer.evaluation import EvalResult, evaluate, routing_change
+from trainer.evaluation import EvalResult, evaluate, local_tensor, routing_change
+from trainer.lineage import check_recorded_inputs, latest_step, recorded_blend
 from trainer.routers import collect_router_losses
 from trainer.run_record import new_run_id, read_run_record, write_run_record
 
@@ -54,12 +63,6 @@ class EvalConfig:
     reference_routing: str = ""  # .npz of a reference routing; default: this run's start
 
 
-def latest_step(checkpoint_dir: Path) -> int:
-    steps = [int(p.name.split("-")[1]) for p in checkpoint_dir.glob("step-*")
-             if p.name.split("-")[1].isdigit() and (p / ".metadata").exists()]
-    return max(steps) if steps else -1
-
-
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
@@ -80,6 +83,8 @@ class CptTrainer(Trainer):
         own_ckpt = Path(config.dump_folder) / config.checkpoint.folder
         self._resuming = latest_step(own_ckpt) >= 0
         self._parent: dict[str, Any] = {}
+        if self._resuming:
+            self._setup_resume(config)
         if config.run.phase == "cpt":
             self._setup_cpt(config)
         super().__init__(config)
@@ -100,11 +105,26 @@ class CptTrainer(Trainer):
             self.checkpointer.exclude_from_loading = ["dataloader", "lr_scheduler", "train_state"]
         self._router_stats: list[dict[str, float]] = []
         self._tokens_per_source = np.zeros(self.dataloader.num_sources, dtype=np.int64)
+        # per-source train loss of the current step: [loss sums..., token counts...]
+        self._source_loss = torch.zeros(2 * self.dataloader.num_sources, dtype=torch.float64,
+                                        device=self.device)
+        self._mb_sources: np.ndarray | None = None
+        self._val_at_start: dict[str, float] = {}
+        self._val_warned: set[str] = set()
         self._checkpoints: list[int] = []
         self._out = Path(config.dump_folder)
         self._tb: Any = None
 
     # ---- setup helpers -------------------------------------------------------------------
+    def _setup_resume(self, config: Config) -> None:
+        """Resume: the recorded inputs must be readable; a mixer run keeps its resolved blend
+        (pinned versions) even if the spec's refs moved since."""
+        record = read_run_record(config.dump_folder)
+        check_recorded_inputs(record)
+        blend = recorded_blend(record)
+        if blend and config.dataloader.kind == "mixer":  # type: ignore[attr-defined]
+            config.dataloader.resolved_blend = blend  # type: ignore[attr-defined]
+
     def _setup_cpt(self, config: Config) -> None:
         parent = Path(config.run.parent_run_dir)
         if not parent.is_dir():
@@ -118,12 +138,16 @@ class CptTrainer(Trainer):
         config.checkpoint.initial_load_path = str(path)
         config.checkpoint.initial_load_model_only = not config.run.load_optimizer
         record = read_run_record(parent)
+        if not self._resuming:
+            check_recorded_inputs(record)
         self._parent = {"run_id": record.get("run_id", ""), "run_dir": str(parent),
                         "checkpoint": str(path), "step": step,
                         "load_optimizer": config.run.load_optimizer}
 
     # ---- torchtitan overrides ------------------------------------------------------------
     def post_dataloading_process(self, input_dict: dict[str, torch.Tensor], labels: torch.Tensor):
+        pending = getattr(self.dataloader, "pending_sources", None)
+        self._mb_sources = pending.popleft() if pending else None
         inputs, labels, extra = super().post_dataloading_process(input_dict, labels)
         if self._doc_mask and extra.get("positions") is not None:
             extra["attention_masks"] = document_causal_mask(extra["positions"])
@@ -137,6 +161,7 @@ class CptTrainer(Trainer):
             if "positions" in extra_kwargs:
                 loss_kwargs["positions"] = extra_kwargs["positions"]
             loss, _ = self.loss_fn(pred, labels, global_valid_tokens, **loss_kwargs)
+            self._accumulate_source_loss(pred, labels)
             del pred
             router_loss, stats = collect_router_losses(model)
             total = loss
@@ -158,27 +183,67 @@ class CptTrainer(Trainer):
             self._tokens_per_source = state_dict["tokens_per_source"].numpy().astype(np.int64)
 
     # ---- data accounting -----------------------------------------------------------------
-    def _reduce_data_counters(self) -> tuple[np.ndarray, int]:
+    @torch.no_grad()
+    def _accumulate_source_loss(self, pred: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add this microbatch's per-sample loss sums / token counts to their sources."""
+        sources = self._mb_sources
+        self._mb_sources = None
+        logits, labels = local_tensor(pred).detach(), local_tensor(labels)
+        if sources is None or logits.dim() != 3 or len(sources) != logits.shape[0]:
+            return
+        sums = torch.stack([  # one sample at a time: no (B, L, V) float copy
+            F.cross_entropy(logits[i].float(), labels[i], ignore_index=IGNORE_INDEX,
+                            reduction="sum") for i in range(logits.shape[0])])
+        counts = (labels != IGNORE_INDEX).sum(-1)
+        index = torch.from_numpy(sources).to(self._source_loss.device)
+        k = self.dataloader.num_sources
+        self._source_loss[:k].index_add_(0, index, sums.double())
+        self._source_loss[k:].index_add_(0, index, counts.double())
+
+    def _reduce_data_counters(self) -> tuple[np.ndarray, int, dict[str, float]]:
+        """Global (all DP ranks) tokens per source, data fingerprint and mean train loss per
+        source of the step that just ran."""
         loader = self.dataloader
         local = np.concatenate([loader.tokens_per_source, [loader.fingerprint]])
         loader.tokens_per_source[:] = 0
         loader.fingerprint = 0
-        t = torch.from_numpy(local.astype(np.int64))
+        t = torch.from_numpy(local.astype(np.int64)).to(self.device)
+        losses = self._source_loss.clone()
+        self._source_loss.zero_()
         if self.parallel_dims.dp_enabled:
-            torch.distributed.all_reduce(t, group=self.parallel_dims.get_mesh("batch").get_group())
-        values = t.numpy()
-        return values[:-1], int(values[-1])
+            group = self.parallel_dims.get_mesh("batch").get_group()
+            torch.distributed.all_reduce(t, group=group)
+            torch.distributed.all_reduce(losses, group=group)
+        values = t.cpu().numpy()
+        k = loader.num_sources
+        sums, counts = losses.cpu().numpy()[:k], losses.cpu().numpy()[k:]
+        per_source = {f"loss/{name}": float(sums[i] / counts[i])
+                      for i, name in enumerate(loader.source.source_names) if counts[i] > 0}
+        return values[:-1], int(values[-1]), per_source
 
     # ---- evaluation ----------------------------------------------------------------------
     def _val_batches(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The fixed held-out batch of each source. A source whose held-out split is missing
+        or holds fewer than ``eval.samples_per_source`` windows is skipped (warning once);
+        the batches must be equal on all ranks (the model is sharded), so a short split is
+        not used partially."""
         source = self.dataloader.source
         n = self.config.evaluation.samples_per_source
         batches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         held_out = getattr(source, "validation_samples", None)
         if held_out is None or n <= 0:  # a source without held-out batches: no val metrics
             return batches
+        warned = self._val_warned
         for i, name in enumerate(source.source_names):
             samples = held_out(i, n)
+            if len(samples) < n:
+                if name not in warned and _rank() == 0:
+                    logger.warning(
+                        f"validation: source {name!r} has {len(samples)} held-out windows, "
+                        f"fewer than eval.samples_per_source={n}; no validation metrics for it "
+                        "(raise the blend's holdout_tokens or lower eval.samples_per_source)")
+                warned.add(name)
+                continue
             tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples])).to(self.device)
             positions = rebase_positions(
                 torch.from_numpy(np.stack([s["positions"] for s in samples]))).to(self.device)
@@ -244,6 +309,7 @@ class CptTrainer(Trainer):
                                           (int(x) for x in self._tokens_per_source), strict=True)),
             "checkpoints": sorted(set(previous.get("checkpoints", [])) | set(self._checkpoints)),
             "experts_distinct_after_init": self.experts_distinct,
+            "val_loss_at_start": self._val_at_start,
             "cpu_compat": not cpu_compat.cuda_present(),
         }
         write_run_record(self._out, record)
@@ -265,6 +331,7 @@ class CptTrainer(Trainer):
             {"start_step": start_step, "world_size": world,
              "dp_size": self.parallel_dims.dp_shard * self.parallel_dims.dp_replicate,
              "ep_size": self.parallel_dims.ep}]
+        self._val_at_start = dict(previous.get("val_loss_at_start") or {})
         self._write_record(start_step, "running")
 
         reference = None
@@ -275,6 +342,8 @@ class CptTrainer(Trainer):
         self._save_routing(result, self.step)
         if reference is None:
             reference = result.routing
+        if not self._val_at_start:  # first eval of the run (kept across restarts)
+            self._val_at_start = dict(result.val_loss)
         self._log_eval(result, reference, train_window=None)
 
         data_iterator = self.batch_generator(self.dataloader)
@@ -287,12 +356,15 @@ class CptTrainer(Trainer):
                 self.train_step(data_iterator)
             except DataloaderExhaustedError:
                 break
-            tokens, fingerprint = self._reduce_data_counters()
+            tokens, fingerprint, source_loss = self._reduce_data_counters()
             self._tokens_per_source += tokens
             step_record = {"step": self.step, **self.metrics_processor.last,
                            "wall_s": time.perf_counter() - t0,
                            "data_fingerprint": fingerprint,
-                           "tokens": int(tokens.sum())}
+                           "tokens": int(tokens.sum()),
+                           "tokens_by_source": [int(x) for x in tokens],
+                           **source_loss}
+            self._log_source_loss(source_loss)
             if self._router_stats:
                 for key in ("aux_loss", "z_loss"):
                     step_record[key] = float(np.mean([s[key] for s in self._router_stats]))
@@ -319,11 +391,34 @@ class CptTrainer(Trainer):
         if self._tb:
             self._tb.close()
 
+    def _window_source_loss(self, window: list[dict[str, Any]]) -> dict[str, float]:
+        """Token-weighted mean train loss per source over the steps of an eval window."""
+        out: dict[str, float] = {}
+        for i, name in enumerate(self.dataloader.source.source_names):
+            pairs = [(r[f"loss/{name}"], r["tokens_by_source"][i]) for r in window
+                     if f"loss/{name}" in r]
+            weight = sum(w for _, w in pairs)
+            if weight:
+                out[f"train/loss/{name}"] = float(sum(v * w for v, w in pairs) / weight)
+        return out
+
+    def _log_source_loss(self, source_loss: dict[str, float]) -> None:
+        if not source_loss or _rank() != 0:
+            return
+        self._tensorboard(source_loss, self.step)
+        if self.metrics_processor.should_log(self.step):
+            text = "  ".join(f"{k} {v:.4f}" for k, v in source_loss.items())
+            logger.info(f"step {self.step:2}  train {text}")
+
     def _log_eval(
         self, result: EvalResult, reference: dict[str, np.ndarray] | None,
         train_window: list[dict[str, Any]] | None,
     ) -> None:
         record: dict[str, Any] = {"step": self.step, **result.metrics()}
+        if self.config.run.phase == "cpt":
+            for name, loss in result.val_loss.items():
+                if name in self._val_at_start:
+                    record[f"forgetting/{name}"] = loss - self._val_at_start[name]
         if reference is not None and result.routing:
             for k, v in routing_change(result.routing, reference).items():
                 record[f"routing_change/{k}"] = v
@@ -334,6 +429,7 @@ class CptTrainer(Trainer):
                 vals = [r[key] for r in train_window if key in r]
                 if vals:
                     record[f"train/{key}"] = float(np.mean(vals))
+            record.update(self._window_source_loss(train_window))
             lr = [v for k, v in train_window[-1].items() if k.startswith("lr/")]
             if lr:
                 record["train/lr"] = lr[0]

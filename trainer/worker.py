@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from cpt.errors import CptError
 from trainer.config import load_config, to_trainer_config
 
 
@@ -36,7 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", help="YAML run config")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = parser.parse_args(argv)
-    return run_worker(args.config, args.overrides)
+    try:
+        return run_worker(args.config, args.overrides)
+    except CptError as exc:  # bad input / missing data: one line, not a traceback per rank
+        print(f"cpt: error: {exc}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,58 @@
+"""What a run continues from, and the check that its recorded inputs are still readable.
+
+A run continues from its own latest checkpoint (resume: the output folder already has one) or,
+as a CPT phase, from a parent run. Either way the run record of that run (``run.json``) names
+the dataset versions it trained on; :func:`check_recorded_inputs` refuses to go on when one of
+them can no longer be read (``trainer.run_record.check_inputs_readable`` raises
+``NotFoundError`` naming it). Light module (no torch): the launcher calls it before starting
+any process, the trainer again in each process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trainer.run_record import read_run_record
+
+CHECKPOINT_FOLDER = "checkpoint"
+
+
+def latest_step(checkpoint_dir: Path) -> int:
+    """The newest complete DCP checkpoint step under ``checkpoint_dir`` (-1: none)."""
+    steps = [int(p.name.split("-")[1]) for p in checkpoint_dir.glob("step-*")
+             if p.name.split("-")[1].isdigit() and (p / ".metadata").exists()]
+    return max(steps) if steps else -1
+
+
+def is_resume(output_dir: str | Path, checkpoint_folder: str = CHECKPOINT_FOLDER) -> bool:
+    return latest_step(Path(output_dir) / checkpoint_folder) >= 0
+
+
+def check_recorded_inputs(record: dict[str, Any]) -> None:
+    """Raise ``NotFoundError`` if a dataset version recorded in ``record`` is unreadable."""
+    from trainer.run_record import check_inputs_readable
+
+    if record:
+        check_inputs_readable(record)
+
+
+def check_run_inputs(output_dir: str | Path, phase: str, parent_run_dir: str,
+                     checkpoint_folder: str = CHECKPOINT_FOLDER) -> dict[str, Any]:
+    """Check the inputs of the run this one continues from; returns that run's record
+    (``{}`` for a fresh pre-training run)."""
+    if is_resume(output_dir, checkpoint_folder):
+        record = read_run_record(output_dir)
+    elif phase == "cpt" and parent_run_dir and Path(parent_run_dir).is_dir():
+        record = read_run_record(parent_run_dir)
+    else:
+        return {}
+    check_recorded_inputs(record)
+    return record
+
+
+def recorded_blend(record: dict[str, Any]) -> dict[str, Any]:
+    """The resolved mixer blend a run record holds (``{}`` if the run was not mixer-fed)."""
+    data = record.get("data") or {}
+    blend = data.get("blend")
+    return blend if data.get("kind") == "mixer" and isinstance(blend, dict) else {}
