@@ -373,13 +373,25 @@ def test_cli_runs_ls_empty_store(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert "no runs in" in capsys.readouterr().out
 
 
-def test_cli_corpus_show_lists_consuming_runs(chain: dict, store: dict) -> None:
-    env = {**os.environ, "COLUMNS": "300"}
-    res = subprocess.run([sys.executable, "-m", "cpt.cli", "corpus", "show", f"replay@{store['replay']}",
-                          "--store", store["url"]], capture_output=True, text=True, cwd=REPO, env=env, check=True)
-    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("runs that read it:"))
+def test_cli_corpus_show_lists_consuming_runs(chain: dict, store: dict, capsys: pytest.CaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "300")  # rich wraps at the terminal width
+
+    def consumers(ref: str) -> str:
+        assert main(["corpus", "show", ref, "--store", store["url"]]) == 0
+        out = capsys.readouterr().out
+        return next(ln for ln in out.splitlines() if ln.startswith("runs that read it:"))
+
+    line = consumers(f"replay@{store['replay']}")
     assert "chain-pre" in line and "chain-cpt1" in line and "chain-cpt2" not in line
-    res = subprocess.run([sys.executable, "-m", "cpt.cli", "corpus", "show", "new@v1", "--store", store["url"]],
-                         capture_output=True, text=True, cwd=REPO, env=env, check=True)
-    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("runs that read it:"))
+    line = consumers("new@v1")
     assert "chain-pre" in line and "chain-cpt1" not in line
+
+
+def test_cli_corpus_show_without_runs(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "300")
+    url = str(tmp_path / "s")
+    publish(url, "lonely", 1, 30)
+    assert main(["corpus", "show", "lonely@latest", "--store", url]) == 0
+    assert "runs that read it: none" in capsys.readouterr().out
