@@ -65,12 +65,32 @@ class IOStats:
 @dataclass
 class Block:
     tokens: np.ndarray  # as stored (uint16/uint32)
-    positions: np.ndarray  # int32: position of each token inside its document
+    doc_ends: np.ndarray  # int64: end offset of each document in the block (last == len(tokens))
     nbytes_stored: int  # compressed size (the ranged read)
 
     @property
     def nbytes(self) -> int:
-        return self.tokens.nbytes + self.positions.nbytes
+        return self.tokens.nbytes + self.doc_ends.nbytes
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Position of every token of the block inside its document (int32; computed on call)."""
+        return doc_positions(len(self.tokens), self.doc_ends)
+
+    def window_positions(self, start: int, stop: int, out: np.ndarray | None = None,
+                         ramp: np.ndarray | None = None) -> np.ndarray:
+        """``positions[start:stop]`` as int64 without materializing the block's positions
+        (written into ``out`` if given; ``ramp``: an ``arange`` at least that long, reused)."""
+        d = self.doc_ends
+        lo = int(np.searchsorted(d, start, side="right"))  # document holding token `start`
+        hi = int(np.searchsorted(d, stop - 1, side="right"))  # document holding token `stop - 1`
+        first = int(d[lo - 1]) if lo else 0
+        n = stop - start
+        r = ramp[:n] if ramp is not None and len(ramp) >= n else np.arange(n, dtype=np.int64)
+        out = np.add(r, start - first, out=out)
+        for x in d[lo:hi].tolist():  # documents starting inside the window: restart at 0
+            out[x - start:] -= out[x - start]
+        return out
 
 
 def doc_positions(n_tokens: int, doc_ends: np.ndarray) -> np.ndarray:
@@ -249,12 +269,12 @@ class BlockLoader:
     def _estimate(self, key: tuple[int, int]) -> int:
         src, block = key
         rec = self.sources[src].block_record(self._refs[src][block])
-        return rec.n_tokens * (self.sources[src].dtype.itemsize + 4)
+        return rec.n_tokens * self.sources[src].dtype.itemsize + rec.n_docs * 8
 
     def _done(self, key: tuple[int, int], fut: Future) -> None:
         with self._lock:
             self._inflight.pop(key, None)
-        if fut.exception() is None and not fut.cancelled():
+        if not fut.cancelled() and fut.exception() is None:
             self._remember(key, fut.result())
 
     def _remember(self, key: tuple[int, int], blk: Block) -> None:
@@ -289,7 +309,7 @@ class BlockLoader:
 
     def _decode(self, ds: DatasetVersion, ref: BlockRef, raw: bytes) -> Block:
         tb = ds.decode_block(ref, raw, verify=self.config.verify)
-        return Block(tb.tokens, doc_positions(len(tb.tokens), tb.doc_ends), len(raw))
+        return Block(tb.tokens, np.asarray(tb.doc_ends, dtype=np.int64), len(raw))
 
     def _fetch_decoded(self, ds: DatasetVersion, ref: BlockRef) -> tuple[bytes, Block]:
         """Fetch and decode; a block failing its checksum is read once more (a torn read), and

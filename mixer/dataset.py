@@ -9,6 +9,7 @@ Each sample is a dict: ``tokens`` and ``positions`` (int64 arrays of ``seq_len +
 sample index, ``index``: the source's sample index, ``epoch``, ``shard``, ``block``, ``offset``).
 The stream is the same whatever the number of loader workers, as long as the loader's
 ``batch_size`` equals :attr:`loader_batch_size` (the workers deal chunks of that many samples).
+With ``batched=True`` the dataset yields those chunks already collated (``batch_size=None``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from corpus.reader import DatasetVersion
@@ -45,8 +47,13 @@ class MixedDataset(IterableDataset):
         *,
         cache: CacheConfig | None = None,
         loader_batch_size: int | None = None,
+        batched: bool = False,
     ):
+        """``batched``: iterate whole loader batches (dicts of torch tensors with a leading
+        dimension of ``loader_batch_size``, built without per-sample dicts: the fast path); use
+        it with ``StatefulDataLoader(ds, batch_size=None, ...)``."""
         super().__init__()
+        self.batched = batched
         self.blend, self._datasets = open_blend(spec)
         self.rank = rank
         self.world_size = world_size
@@ -101,9 +108,14 @@ class MixedDataset(IterableDataset):
         worker = (info.id, info.num_workers, self.loader_batch_size) if info else (0, 1, self.loader_batch_size)
         stream = self._get_stream()
         try:
-            for sample, state in stream.samples(self._state, worker):
-                self._state = state
-                yield sample
+            if self.batched:
+                for batch, state in stream.batches(self._state, worker):
+                    self._state = state
+                    yield {k: torch.from_numpy(v) for k, v in batch.items()}
+            else:
+                for sample, state in stream.samples(self._state, worker):
+                    self._state = state
+                    yield sample
         finally:  # iterator closed or garbage collected: stop read-ahead threads
             stream.close()
 

@@ -115,5 +115,35 @@ class SourcePacking:
             b += 1
         return SampleLoc(e, w, tuple(pieces))
 
+    def locate_many(self, js: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`locate` for many samples at once: ``(epoch, window, block, start, single)``
+        arrays, where a window with ``single`` set is ``block[start:start + seq_len + 1]``; the
+        others span several blocks (ask :meth:`locate` for their pieces)."""
+        js = np.asarray(js, dtype=np.int64)
+        epochs, q_all = np.divmod(js, self.windows_per_epoch)
+        n = len(js)
+        win = np.empty(n, dtype=np.int64)
+        blk = np.empty(n, dtype=np.int64)
+        start_in = np.empty(n, dtype=np.int64)
+        single = np.empty(n, dtype=bool)
+        uniq = np.unique(epochs)
+        for e in uniq.tolist():
+            m = slice(None) if len(uniq) == 1 else epochs == e
+            q = q_all[m]
+            lay = self.epoch(e)
+            c = np.searchsorted(lay.chunk_first, q, side="right") - 1
+            w = np.empty_like(q)
+            for ci in np.unique(c).tolist():
+                mc = c == ci
+                first, nxt = int(lay.chunk_first[ci]), int(lay.chunk_first[ci + 1])
+                w[mc] = first + self._chunk_perm(e, ci, nxt - first)[q[mc] - first]
+            start = w * self.seq_len
+            b = np.searchsorted(lay.cum, start, side="right") - 1
+            win[m] = w
+            blk[m] = lay.order[b]
+            start_in[m] = start - lay.cum[b]
+            single[m] = start + self.seq_len + 1 <= lay.cum[b + 1]
+        return epochs, win, blk, start_in, single
+
     def epochs_for(self, n_samples: int) -> float:
         return n_samples / self.windows_per_epoch

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from corpus.reader import DatasetVersion
+from corpus.reader import BlockRef, DatasetVersion
 from cpt.errors import ConfigError
 from mixer.blocks import BlockLoader, CacheConfig
-from mixer.packing import SampleLoc, SourcePacking
+from mixer.packing import SourcePacking
 from mixer.schedule import MixPoint, StepPlan, WeightSchedule, plan_step
 from mixer.spec import ResolvedBlend
 
@@ -112,13 +112,83 @@ class StreamStats:
     bytes_consumed: float = 0.0  # stored (compressed) bytes of the token ranges delivered
 
 
+Pieces = tuple[tuple[int, int, int], ...]  # (block, start, stop) token ranges of one window
+
+
 @dataclass
-class _Planned:
-    pos: int
-    gidx: int
-    src: int
-    index: int
-    loc: SampleLoc
+class _Chunk:
+    """``lb`` consecutive local positions of one worker, assigned to sources and located."""
+
+    pos: list[int]
+    gidx: list[int]
+    src: list[int]
+    idx: list[int]
+    epoch: list[int]
+    pieces: list[Pieces]
+    keys: list[tuple[int, int]]  # (source, block) needed, in first-use order (read-ahead)
+
+
+class _Planner:
+    """Plans one worker's positions chunk by chunk: the steps' source assignment (sequential,
+    from the state's :class:`MixPoint`), then where each sample lives (vectorized per source)."""
+
+    def __init__(self, stream: MixStream, state: MixState, worker: tuple[int, int, int]):
+        self.s = stream
+        wid, self.nw, self.lb = worker
+        own = state.worker is not None and tuple(state.worker) == worker
+        self.next_start = state.next if own else state.next + wid * self.lb
+        self.point = state.point
+        self.plan: StepPlan | None = None
+        self.points: dict[int, MixPoint] = {self.point.step: self.point}
+
+    def forget_before(self, step: int) -> None:
+        for k in [k for k in self.points if k < step]:
+            del self.points[k]
+
+    def _plan(self, step: int) -> StepPlan:
+        s = self.s
+        while self.plan is None or self.plan.step != step:
+            if self.point.step > step:
+                raise ConfigError(f"mixer state at step {self.point.step} is past the requested step {step}")
+            self.plan = plan_step(self.point, s.schedule, s.global_batch)
+            self.point = self.plan.end
+            self.points[self.point.step] = self.point
+        return self.plan
+
+    def next_chunk(self) -> _Chunk:
+        s, lb = self.s, self.lb
+        b, g = s.local_batch, s.global_batch
+        c = self.next_start
+        self.next_start += self.nw * lb
+        pos = np.arange(c, c + lb, dtype=np.int64)
+        steps = pos // b
+        src = np.empty(lb, dtype=np.int64)
+        idx = np.empty(lb, dtype=np.int64)
+        gidx = np.empty(lb, dtype=np.int64)
+        for step in range(int(steps[0]), int(steps[-1]) + 1):
+            m = steps == step
+            plan = self._plan(step)
+            k = s.rank * b + pos[m] - step * b
+            src[m] = plan.sources[k]
+            idx[m] = plan.indices[k]
+            gidx[m] = step * g + k
+        epoch = np.empty(lb, dtype=np.int64)
+        pieces: list[Pieces] = [()] * lb
+        length = s.seq_len + 1
+        for k_src in np.unique(src).tolist():
+            sel = np.flatnonzero(src == k_src)
+            pk = s.packings[k_src]
+            e, _, blk, start, single = pk.locate_many(idx[sel])
+            epoch[sel] = e
+            for i, bl, st, one, j in zip(sel.tolist(), blk.tolist(), start.tolist(), single.tolist(),
+                                         idx[sel].tolist(), strict=True):
+                if one:
+                    pieces[i] = ((bl, st, st + length),)
+                else:
+                    pieces[i] = tuple((p.block, p.start, p.stop) for p in pk.locate(j).pieces)
+        src_l = src.tolist()
+        keys = list(dict.fromkeys((sk, p[0]) for sk, ps in zip(src_l, pieces, strict=True) for p in ps))
+        return _Chunk(pos.tolist(), gidx.tolist(), src_l, idx.tolist(), epoch.tolist(), pieces, keys)
 
 
 class MixStream:
@@ -134,11 +204,13 @@ class MixStream:
         if g % world_size:
             raise ConfigError(f"global_batch_size {g} is not divisible by the data-parallel world size {world_size}")
         self.blend = blend
+        self.fingerprint = blend.fingerprint  # hashed once: it is in every state
         self.rank = rank
         self.world_size = world_size
         self.global_batch = g
         self.local_batch = g // world_size
         self.seq_len = blend.spec.seq_len
+        self._ramp = np.arange(self.seq_len + 1, dtype=np.int64)  # shared by window_positions
         self.schedule: WeightSchedule = blend.spec.weight_schedule()
         self.block_tokens = [ds.block_tokens() for ds in datasets]
         self.packings = [
@@ -154,92 +226,115 @@ class MixStream:
 
     # ---- state ---------------------------------------------------------------------------
     def initial_state(self) -> MixState:
-        return MixState(self.blend.fingerprint, self.world_size, MixPoint.start(len(self.packings)), 0)
+        return MixState(self.fingerprint, self.world_size, MixPoint.start(len(self.packings)), 0)
 
     def check_state(self, state: MixState) -> MixState:
-        if state.blend != self.blend.fingerprint:
-            raise ConfigError(f"mixer state belongs to blend {state.blend}, not to this blend {self.blend.fingerprint}")
+        if state.blend != self.fingerprint:
+            raise ConfigError(f"mixer state belongs to blend {state.blend}, not to this blend {self.fingerprint}")
         if len(state.point.counts) != len(self.packings):
             raise ConfigError("mixer state has a different number of sources than the blend")
         return state.rescaled(self.world_size, self.global_batch)
 
-    # ---- planning ------------------------------------------------------------------------
-    def _positions(self, state: MixState, worker: tuple[int, int, int]) -> Iterator[int]:
-        wid, nw, lb = worker
-        if state.worker is not None and tuple(state.worker) == worker:
-            start = state.next  # this worker's own saved position
-        else:
-            start = state.next + wid * lb  # a global position: deal chunks from here
-        c = start
+    # ---- iteration ---------------------------------------------------------------------
+    def _chunks(self, state: MixState, worker: tuple[int, int, int]) -> Iterator[tuple[_Chunk, int, _Planner]]:
+        """Planned chunks of this worker with the position that follows each; blocks of the next
+        ``prefetch_samples`` samples are being fetched meanwhile."""
+        planner = _Planner(self, state, worker)
+        ahead: deque[_Chunk] = deque()
+        planned = 0
+        depth = max(1, self.cache.prefetch_samples)
         while True:
-            yield from range(c, c + lb)
-            c += nw * lb
+            while len(ahead) < 2 or planned <= depth:
+                ch = planner.next_chunk()
+                ahead.append(ch)
+                planned += len(ch.pos)
+                self.loader.prefetch(ch.keys)
+            ch = ahead.popleft()
+            planned -= len(ch.pos)
+            planner.forget_before(ch.pos[0] // self.local_batch)
+            yield ch, ahead[0].pos[0], planner
+
+    def _worker(self, state: MixState, worker: tuple[int, int, int]) -> tuple[MixState, tuple[int, int, int]]:
+        state = self.check_state(state)
+        wid, nw, lb = worker
+        return state, (wid, nw, lb or self.local_batch)
 
     def samples(self, state: MixState, worker: tuple[int, int, int] = (0, 1, 0)) -> Iterator[tuple[dict, MixState]]:
         """Yield ``(sample, state after it)`` forever, starting at ``state``."""
-        state = self.check_state(state)
-        wid, nw, lb = worker
-        lb = lb or self.local_batch
-        worker = (wid, nw, lb)
-        b, g = self.local_batch, self.global_batch
-        point = state.point
-        plan: StepPlan | None = None
-        positions = self._positions(state, worker)
-        ahead: deque[_Planned] = deque()
-        depth = max(1, self.cache.prefetch_samples)
-        points: dict[int, MixPoint] = {point.step: point}
+        state, worker = self._worker(state, worker)
+        wstate = worker if worker[1] > 1 else None
+        b, fp, ws = self.local_batch, self.fingerprint, self.world_size
+        for ch, after, planner in self._chunks(state, worker):
+            points = planner.points
+            n = len(ch.pos)
+            for i in range(n):
+                sample = self._sample(ch, i)
+                nxt = ch.pos[i + 1] if i + 1 < n else after
+                yield sample, MixState(fp, ws, points[nxt // b], nxt, wstate)
 
-        def plan_next() -> None:
-            nonlocal point, plan
-            p = next(positions)
-            step, i = divmod(p, b)
-            while plan is None or plan.step != step:
-                if point.step > step:
-                    raise ConfigError(f"mixer state at step {point.step} is past the requested step {step}")
-                plan = plan_step(point, self.schedule, g)
-                point = plan.end
-                points[point.step] = point
-            k = self.rank * b + i
-            src, idx = int(plan.sources[k]), int(plan.indices[k])
-            loc = self.packings[src].locate(idx)
-            ahead.append(_Planned(p, step * g + k, src, idx, loc))
-            self.loader.prefetch([(src, pc.block) for pc in loc.pieces])
+    def batches(self, state: MixState, worker: tuple[int, int, int] = (0, 1, 0)) -> Iterator[tuple[dict[str, np.ndarray], MixState]]:
+        """The fast path: yield ``(batch, state after it)`` forever, a batch being the worker's
+        next ``lb`` samples (``lb`` = loader batch, default the local batch) collated: the same
+        keys as a sample, each an array with a leading batch dimension (``tokens`` and
+        ``positions`` int64 ``[lb, seq_len + 1]``). Same samples and states as :meth:`samples`."""
+        state, worker = self._worker(state, worker)
+        wstate = worker if worker[1] > 1 else None
+        b, fp, ws = self.local_batch, self.fingerprint, self.world_size
+        length = self.seq_len + 1
+        for ch, after, planner in self._chunks(state, worker):
+            n = len(ch.pos)
+            tokens = np.empty((n, length), dtype=np.int64)
+            positions = np.empty((n, length), dtype=np.int64)
+            shard = np.empty(n, dtype=np.int64)
+            block = np.empty(n, dtype=np.int64)
+            offset = np.empty(n, dtype=np.int64)
+            for i in range(n):
+                src = ch.src[i]
+                ref = self._fill(src, ch.pieces[i], tokens[i], positions[i])
+                shard[i], block[i], offset[i] = ref.shard, ref.block, ch.pieces[i][0][1]
+                self.stats.samples_per_source[src] += 1
+            self.stats.samples += n
+            batch = {"tokens": tokens, "positions": positions, "source": np.asarray(ch.src, dtype=np.int64),
+                     "sample": np.asarray(ch.gidx, dtype=np.int64), "index": np.asarray(ch.idx, dtype=np.int64),
+                     "epoch": np.asarray(ch.epoch, dtype=np.int64), "shard": shard, "block": block, "offset": offset}
+            yield batch, MixState(fp, ws, planner.points[after // b], after, wstate)
 
-        while True:
-            while len(ahead) < depth + 1:
-                plan_next()
-            item = ahead.popleft()
-            sample = self._assemble(item)
-            nxt = ahead[0].pos
-            nstep = nxt // b
-            for s in [s for s in points if s < nstep]:
-                del points[s]
-            yield sample, MixState(self.blend.fingerprint, self.world_size, points[nstep], nxt,
-                                   worker if nw > 1 else None)
+    def _fill(self, src: int, pieces: Pieces, tokens: np.ndarray, positions: np.ndarray) -> BlockRef:
+        """Copy one window into ``tokens``/``positions``; the ref of its first block."""
+        at = 0
+        for block, start, stop in pieces:
+            blk = self.loader.get(src, block)
+            tokens[at:at + stop - start] = blk.tokens[start:stop]
+            blk.window_positions(start, stop, positions[at:at + stop - start], self._ramp)
+            at += stop - start
+            self.stats.bytes_consumed += (stop - start) / len(blk.tokens) * blk.nbytes_stored
+        return self.refs[src][pieces[0][0]]
 
-    def _assemble(self, item: _Planned) -> dict[str, Any]:
-        parts_t, parts_p = [], []
-        for pc in item.loc.pieces:
-            blk = self.loader.get(item.src, pc.block)
-            parts_t.append(blk.tokens[pc.start:pc.stop])
-            parts_p.append(blk.positions[pc.start:pc.stop])
-            self.stats.bytes_consumed += (pc.stop - pc.start) / len(blk.tokens) * blk.nbytes_stored
-        tokens = np.concatenate(parts_t).astype(np.int64) if len(parts_t) > 1 else parts_t[0].astype(np.int64)
-        positions = np.concatenate(parts_p).astype(np.int64) if len(parts_p) > 1 else parts_p[0].astype(np.int64)
-        first = item.loc.pieces[0]
-        ref = self.refs[item.src][first.block]
+    def _sample(self, ch: _Chunk, i: int) -> dict[str, Any]:
+        src, pieces = ch.src[i], ch.pieces[i]
+        if len(pieces) == 1:  # the usual case: a view of one block, converted once
+            block, start, stop = pieces[0]
+            blk = self.loader.get(src, block)
+            tokens = blk.tokens[start:stop].astype(np.int64)
+            positions = blk.window_positions(start, stop, None, self._ramp)
+            self.stats.bytes_consumed += (stop - start) / len(blk.tokens) * blk.nbytes_stored
+            ref = self.refs[src][block]
+        else:
+            tokens = np.empty(self.seq_len + 1, dtype=np.int64)
+            positions = np.empty(self.seq_len + 1, dtype=np.int64)
+            ref = self._fill(src, pieces, tokens, positions)
         self.stats.samples += 1
-        self.stats.samples_per_source[item.src] += 1
+        self.stats.samples_per_source[src] += 1
         return {
             "tokens": tokens,
             "positions": positions,
-            "source": item.src,
-            "sample": item.gidx,
-            "index": item.index,
-            "epoch": item.loc.epoch,
+            "source": src,
+            "sample": ch.gidx[i],
+            "index": ch.idx[i],
+            "epoch": ch.epoch[i],
             "shard": ref.shard,
             "block": ref.block,
-            "offset": first.start,
+            "offset": pieces[0][1],
         }
 
     # ---- held-out split ------------------------------------------------------------------
@@ -257,7 +352,7 @@ class MixStream:
             blk = self.loader.get(src, block)
             stop = min(stop, start + want - have)
             toks.append(blk.tokens[start:stop])
-            poss.append(blk.positions[start:stop])
+            poss.append(blk.window_positions(start, stop))
             origin.append((have, block, start))
             have += stop - start
         if have < self.seq_len + 1:
