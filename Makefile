@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := .venv-bench/.installed
 STORE ?= data/store
 WORKERS ?= 2
 
@@ -33,10 +34,22 @@ test-fast: $(STAMP) ## run the tests without the slow end-to-end ones
 lint: $(STAMP) ## ruff
 	$(PY) -m ruff check .
 
-bench: bench-corpus bench-train ## all benchmarks
+bench: bench-corpus bench-mixer bench-train ## all benchmarks
 
 bench-corpus: $(STAMP) ## tokens/s of the corpus pipeline vs raw tokenizers vs datatrove
 	$(PY) -m cpt.cli bench corpus
+
+# peers of the mixer bench in their own venv: their pins (numpy<2.2, torchvision) stay out of .venv
+$(BENCH_STAMP):
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install -q --upgrade pip
+	.venv-bench/bin/python -m pip install -q torch==2.13.0
+	.venv-bench/bin/python -m pip install -q mosaicml-streaming litdata "numpy<2.2" zstandard xxhash fsspec
+	touch $(BENCH_STAMP)
+
+bench-mixer: $(STAMP) $(BENCH_STAMP) ## mixer tokens/s (warm cache, local S3), resume, RSS, I/O vs MosaicML Streaming, LitData
+	$(PY) -m mixer.bench --peers
+	if [ -f mixer/service_bench.py ]; then $(PY) -m mixer.service_bench; fi
 
 bench-train: $(STAMP) ## tokens/s of our trainer vs torchtitan's qwen3 MoE debug model
 	$(PY) -m trainer.bench
