@@ -323,6 +323,7 @@ class _ClientGone(Exception):
 class _Handler(BaseHTTPRequestHandler):
     service: MixService
     server_version = "cpt-mixer/1"
+    default_request_version = "HTTP/1.0"  # error replies to broken request lines get a status line
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)
@@ -332,7 +333,10 @@ class _Handler(BaseHTTPRequestHandler):
         return urlsplit(self.path).path if getattr(self, "path", None) else "other"
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Also used by the stdlib for malformed request lines/headers: a short text body."""
+        """Also used by the stdlib for malformed request lines/headers: a short text body. The
+        stdlib's 501 (unknown method) and 505 (HTTP version) are the client's fault: 400."""
+        if code >= 500:
+            code, message = 400, f"bad request: {message or code}"
         self._reply(code, (message or self.responses.get(code, ("error",))[0]) + "\n")
 
     def _reply(self, status: int, body: str | bytes, ctype: str = "text/plain; charset=utf-8",
