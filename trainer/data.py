@@ -59,6 +59,12 @@ def _mixer_source(cfg: CptDataLoader.Config, rank: int, world_size: int) -> Any:
     """
     spec: Any = cfg.resolved_blend or cfg.blend
     if cfg.service_url:
+        token = None
+        if cfg.service_token_env:
+            token = os.environ.get(cfg.service_token_env)
+            if not token:
+                raise ConfigError(f"data.service_token_env: environment variable "
+                                  f"{cfg.service_token_env} is not set")
         try:
             from mixer.client import ServiceMixedDataset
         except ImportError as exc:
@@ -66,12 +72,6 @@ def _mixer_source(cfg: CptDataLoader.Config, rank: int, world_size: int) -> Any:
                 f"data.service_url is set but the mixer service client is not available "
                 f"(import mixer.client.ServiceMixedDataset failed: {exc})"
             ) from exc
-        token = None
-        if cfg.service_token_env:
-            token = os.environ.get(cfg.service_token_env)
-            if not token:
-                raise ConfigError(f"data.service_token_env: environment variable "
-                                  f"{cfg.service_token_env} is not set")
         return ServiceMixedDataset(cfg.service_url, rank=rank, world_size=world_size,
                                    token=token, spec=spec or None)
     try:
