@@ -310,7 +310,12 @@ class RunCatalog:
         self.fs.invalidate_cache(posixpath.dirname(path))
         if self.fs.exists(path):
             return False
-        write_once(self.fs, path, dumps_canonical(dict(info)))
+        try:
+            write_once(self.fs, path, dumps_canonical(dict(info)))
+        except CptError:  # another writer marked it in between: same fact, fine
+            if not self.fs.exists(path):
+                raise
+            return False
         return True
 
     def runs_for_version(self, dataset: str, version: str) -> list[str]:

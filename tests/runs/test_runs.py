@@ -395,3 +395,21 @@ def test_cli_corpus_show_without_runs(tmp_path: Path, capsys: pytest.CaptureFixt
     publish(url, "lonely", 1, 30)
     assert main(["corpus", "show", "lonely@latest", "--store", url]) == 0
     assert "runs that read it: none" in capsys.readouterr().out
+
+
+def test_objects_are_written_once(tmp_path: Path) -> None:
+    from cpt.errors import CptError
+    from cpt.fs import open_fs
+    from cpt.runs import write_once
+
+    cat = RunCatalog(str(tmp_path / "s"))
+    assert cat.mark_version("d", "v1", "r1", {"run_id": "r1"}) is True
+    assert cat.mark_version("d", "v1", "r1", {"run_id": "r1", "again": True}) is False
+    marker = tmp_path / "s" / "_runs" / "_by_version" / "d" / "v1" / "r1"
+    assert json.loads(marker.read_text()) == {"run_id": "r1"}
+    fs, path = open_fs(str(tmp_path / "obj"))
+    write_once(fs, path, b"first")
+    with pytest.raises(CptError, match="exists already"):
+        write_once(fs, path, b"second")
+    assert (tmp_path / "obj").read_bytes() == b"first"
+    assert sorted(os.listdir(tmp_path)) == ["obj", "s"]  # no temporary file left behind
