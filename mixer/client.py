@@ -51,6 +51,9 @@ class _Transient(Exception):
     """A failure worth reconnecting for (refused/reset/cut connection, 5xx)."""
 
 
+_RETRYABLE = (_Transient, OSError, EOFError, http.client.HTTPException)
+
+
 def expected_fingerprint(spec: str | Path | dict[str, Any] | ResolvedBlend) -> str:
     """The blend fingerprint a spec stands for: a resolved blend (object, dict or JSON/YAML file)
     gives it directly; a bare 16-hex-digit string is taken as a fingerprint; an unresolved spec is
@@ -93,12 +96,13 @@ class ServiceMixedDataset(IterableDataset):
             raise ConfigError(f"mixer service {self.url} speaks wire version {info.get('wire')}, "
                               f"this client {WIRE_VERSION}")
         self.blend = blend_from_json(info["blend"])
-        if info.get("fingerprint") != self.blend.fingerprint:
+        self.fingerprint = self.blend.fingerprint  # hashed once: it is in every state
+        if info.get("fingerprint") != self.fingerprint:
             raise ConfigError(f"mixer service {self.url} sent an inconsistent blend")
         if spec is not None:
             want = expected_fingerprint(spec)
-            if want != self.blend.fingerprint:
-                raise ConfigError(f"mixer service {self.url} serves blend {self.blend.fingerprint}, "
+            if want != self.fingerprint:
+                raise ConfigError(f"mixer service {self.url} serves blend {self.fingerprint}, "
                                   f"but the expected blend is {want}")
         self._windows = [int(w) for w in info["windows_per_epoch"]]
         g = self.blend.spec.global_batch_size
@@ -110,7 +114,7 @@ class ServiceMixedDataset(IterableDataset):
         self.world_size = world_size
         self.local_batch_size = g // world_size
         self.loader_batch_size = loader_batch_size or self.local_batch_size
-        self._state = MixState(self.blend.fingerprint, world_size, MixPoint.start(len(self.blend.names)), 0)
+        self._state = MixState(self.fingerprint, world_size, MixPoint.start(len(self.blend.names)), 0)
         self._samples = [0] * len(self.blend.names)
         self._bytes = 0
         self._reconnects = 0
@@ -145,8 +149,8 @@ class ServiceMixedDataset(IterableDataset):
         elif found:
             state = found[0]
         s = MixState.from_dict(state)
-        if s.blend != self.blend.fingerprint:
-            raise ConfigError(f"mixer state belongs to blend {s.blend}, not to this blend {self.blend.fingerprint}")
+        if s.blend != self.fingerprint:
+            raise ConfigError(f"mixer state belongs to blend {s.blend}, not to this blend {self.fingerprint}")
         if len(s.point.counts) != len(self.blend.names):
             raise ConfigError("mixer state has a different number of sources than the blend")
         self._state = s.rescaled(self.world_size, self.global_batch_size)
@@ -199,6 +203,7 @@ class ServiceMixedDataset(IterableDataset):
         info = get_worker_info()
         worker = (info.id, info.num_workers, self.loader_batch_size) if info else (0, 1, self.loader_batch_size)
         retry = _Backoff(self.config, self.url)
+        retryable = _RETRYABLE  # a local: still bound if the generator is finalized at interpreter exit
         while True:
             conn = None
             try:
@@ -215,7 +220,7 @@ class ServiceMixedDataset(IterableDataset):
                         reader.bytes_read = 0
                     if kind == "S":
                         sample, nxt = val
-                        self._state = MixState(self.blend.fingerprint, self.world_size, point, nxt,
+                        self._state = MixState(self.fingerprint, self.world_size, point, nxt,
                                                worker if worker[1] > 1 else None)
                         self._samples[sample["source"]] += 1
                         retry.reset()
@@ -226,7 +231,7 @@ class ServiceMixedDataset(IterableDataset):
                         raise CptError(f"mixer service {self.url}: {val}")
                     else:  # "E": the server ended the stream; continue on a new request
                         break
-            except (_Transient, OSError, EOFError, http.client.HTTPException) as exc:
+            except retryable as exc:
                 self._reconnects += 1
                 retry.wait(exc)
             finally:
@@ -274,7 +279,7 @@ class ServiceMixedDataset(IterableDataset):
                     conn.close()
 
     def _open_samples(self, worker: tuple[int, int, int]) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        body = json.dumps({"fingerprint": self.blend.fingerprint, "rank": self.rank, "world_size": self.world_size,
+        body = json.dumps({"fingerprint": self.fingerprint, "rank": self.rank, "world_size": self.world_size,
                            "state": self._state.to_dict(), "worker": list(worker),
                            "sources": self.source_names}).encode()
         conn = self._connect()
@@ -289,10 +294,10 @@ class ServiceMixedDataset(IterableDataset):
         return conn, resp
 
     def _check_head(self, head: wire.StreamHead) -> None:
-        if head.fingerprint != self.blend.fingerprint or head.seq_len != self.seq_len \
+        if head.fingerprint != self.fingerprint or head.seq_len != self.seq_len \
                 or head.n_sources != len(self.source_names):
             raise ConfigError(f"mixer service {self.url} now serves blend {head.fingerprint}, "
-                              f"not {self.blend.fingerprint}")
+                              f"not {self.fingerprint}")
 
 
 class _Backoff:

@@ -148,6 +148,7 @@ class MixService:
         if self.config.token is not None and not self.config.token.strip():
             raise ConfigError("the mixer service token is empty")
         self.blend = blend
+        self.fingerprint = blend.fingerprint  # hashed once
         self.datasets = datasets
         self.cache = cache or CacheConfig()
         self.loader = BlockLoader(datasets, self.cache)
@@ -204,8 +205,8 @@ class MixService:
     def parse_samples_request(self, body: bytes) -> tuple[int, int, MixState | None, tuple[int, int, int], int | None]:
         try:
             req = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise HttpError(400, f"request body is not JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise HttpError(400, f"request body is not JSON: {str(exc)[:200]}") from exc
         if not isinstance(req, dict):
             raise HttpError(400, "request body must be a JSON object")
         unknown = sorted(set(req) - REQUEST_KEYS)
@@ -214,8 +215,8 @@ class MixService:
         fp = req.get("fingerprint")
         if not isinstance(fp, str):
             raise HttpError(400, "request needs the blend 'fingerprint' (GET /v1/blend)")
-        if fp != self.blend.fingerprint:
-            raise HttpError(409, f"this server serves blend {self.blend.fingerprint}, not {fp[:64]}")
+        if fp != self.fingerprint:
+            raise HttpError(409, f"this server serves blend {self.fingerprint}, not {fp[:64]}")
         sources = req.get("sources")
         if sources is not None:
             if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
@@ -257,9 +258,9 @@ class MixService:
             raise HttpError(400, str(exc)[:300]) from exc
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise HttpError(400, f"malformed mixer state: {type(exc).__name__}: {str(exc)[:200]}") from exc
-        if state.blend != self.blend.fingerprint:
+        if state.blend != self.fingerprint:
             raise HttpError(409, f"mixer state belongs to blend {str(state.blend)[:64]}, this server serves "
-                                 f"{self.blend.fingerprint}")
+                                 f"{self.fingerprint}")
         g = self.blend.spec.global_batch_size
         p = state.point
         k = len(self.names)
@@ -395,18 +396,18 @@ class _Handler(BaseHTTPRequestHandler):
         svc = self.service
         url = urlsplit(self.path)
         if url.path == "/healthz":
-            self._reply(200, f"ok {svc.blend.fingerprint}\n")
+            self._reply(200, f"ok {svc.fingerprint}\n")
             return
         self._check_auth()
         if url.path == "/metrics":
-            self._reply(200, svc.metrics.render(svc.blend.fingerprint, svc.loader.stats.as_dict()),
+            self._reply(200, svc.metrics.render(svc.fingerprint, svc.loader.stats.as_dict()),
                         "text/plain; version=0.0.4; charset=utf-8")
         elif url.path == "/v1/blend":
             self._reply(200, svc.blend_json, "application/json")
         elif url.path == "/v1/validation":
             src, count = svc.validation_args(url.query)
             samples = svc.probe.validation_samples(src, count)
-            out = [wire.stream_header(svc.blend.fingerprint, svc.blend.spec.seq_len, len(svc.names))]
+            out = [wire.stream_header(svc.fingerprint, svc.blend.spec.seq_len, len(svc.names))]
             out += [wire.sample_frame(s, 0, svc.u16[src]) for s in samples]
             out.append(wire.end_frame(len(samples)))
             self._reply(200, b"".join(out), CONTENT_TYPE)
@@ -468,7 +469,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", CONTENT_TYPE)
             self.send_header("Cache-Control", "no-store")
             self.send_header("Connection", "close")
-            self.send_header("X-Mix-Fingerprint", svc.blend.fingerprint)
+            self.send_header("X-Mix-Fingerprint", svc.fingerprint)
             self.end_headers()
             self.close_connection = True
             self.connection.settimeout(cfg.send_timeout_s)
@@ -481,7 +482,7 @@ class _Handler(BaseHTTPRequestHandler):
         svc = self.service
         cfg = svc.config
         seq_len = svc.blend.spec.seq_len
-        buf = bytearray(wire.stream_header(svc.blend.fingerprint, seq_len, len(svc.names)))
+        buf = bytearray(wire.stream_header(svc.fingerprint, seq_len, len(svc.names)))
         per_source = [0] * len(svc.names)
         last_point = None
         sent = 0

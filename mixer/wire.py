@@ -66,6 +66,11 @@ def error_frame(message: str) -> bytes:
 def rebuild_positions(n: int, p0: int, starts: np.ndarray) -> np.ndarray:
     """Positions of ``n`` tokens whose first token is at ``p0`` and whose documents start at
     ``starts`` (sorted indices > 0)."""
+    if len(starts) <= 32:  # the usual case: a few documents per window
+        pos = np.arange(p0, p0 + n, dtype=np.int64)
+        for i in starts.tolist():
+            pos[i:] -= pos[i]
+        return pos
     seg = np.concatenate([[0], starts.astype(np.int64), [n]])
     pos = np.arange(n, dtype=np.int64) - np.repeat(seg[:-1], np.diff(seg))
     pos[: seg[1]] += p0
@@ -77,12 +82,13 @@ def sample_frame(sample: dict[str, Any], next_pos: int, u16: bool) -> bytes:
     source's tokens are stored as uint16 (so they fit)."""
     tokens: np.ndarray = sample["tokens"]
     positions: np.ndarray = sample["positions"]
-    n = len(tokens)
     flags = 0 if u16 else TOKENS_U32
     tok_bytes = tokens.astype(np.uint16 if u16 else np.uint32).tobytes()
     p0 = int(positions[0])
-    starts = np.flatnonzero(positions[1:] == 0) + 1
-    if 0 <= p0 < 1 << 32 and np.array_equal(rebuild_positions(n, p0, starts), positions):
+    restart = positions[1:] == 0
+    # compact form iff every position is 0 (a document start) or the previous one + 1
+    if 0 <= p0 < 1 << 32 and bool(np.all(restart | (positions[1:] == positions[:-1] + 1))):
+        starts = np.flatnonzero(restart) + 1
         pos_bytes = starts.astype(np.uint32).tobytes()
         n_starts = len(starts)
     else:

@@ -23,7 +23,7 @@ from mixer.client import ClientConfig, ServiceMixedDataset
 from mixer.dataset import MixedDataset, open_blend
 from mixer.service import MixService, ServiceConfig
 from mixer.stream import MixState, MixStream
-from tests.mixer.mix_helpers import spec
+from tests.mixer.mix_helpers import TcpProxy, spec
 
 W3 = {"new": 0.7, "replay": 0.2, "code": 0.1}
 FAST = ClientConfig(retry_s=20.0, backoff_s=0.05, max_backoff_s=0.5)
@@ -156,6 +156,24 @@ def test_eight_concurrent_clients_are_the_global_stream(service, blend_dss) -> N
     assert [key(s) for s in merged] == [key(s) for s in ref]
 
 
+def test_a_replacement_server_behind_the_same_address_continues_the_stream(service, blend_dss) -> None:
+    blend, dss = blend_dss
+    want, _ = inproc(blend_dss, 2, 3, 200)
+    port = free_port()
+    proxy = TcpProxy(int(service.url.rsplit(":", 1)[1]), port).start()
+    with MixService(blend, dss, ServiceConfig(port=0), CacheConfig(prefetch_threads=1)) as replica:
+        try:
+            it = iter(ServiceMixedDataset(f"http://127.0.0.1:{port}", 2, 3, config=FAST))
+            got = [next(it) for _ in range(100)]
+            proxy.kill()  # the address now leads to another replica (with a cold cache)
+            proxy = TcpProxy(int(replica.url.rsplit(":", 1)[1]), port).start()
+            got += [next(it) for _ in range(100)]
+        finally:
+            proxy.kill()
+        assert replica.metrics.streams >= 1
+    assert [key(s) for s in got] == [key(s) for s in want]
+
+
 def test_stateful_dataloader_workers_and_resume(service, blend_dss) -> None:
     import torch
     from torchdata.stateful_dataloader import StatefulDataLoader
@@ -189,6 +207,8 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(service, blend_
     assert post(b"{not json") == 400
     assert post(b"\xff\xfe") == 400
     assert post([1, 2]) == 400
+    assert post(b"[" * 15000) == 400
+    assert post(b'{"rank": 1' + b"0" * 5000 + b"}") == 400
     assert post(ok | {"bogus": 1}) == 400
     assert post({"rank": 0}) == 400
     assert post(ok | {"fingerprint": "feedfacefeedface"}) == 409
@@ -316,3 +336,41 @@ def test_kill_9_restart_token_and_server_gone_for_good(blend_dss, tmp_path: Path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_wire_positions_round_trip_compact_or_full() -> None:
+    """The compact positions (first + document starts) are exact; anything else goes in full."""
+    from mixer import wire
+
+    class Src:
+        def __init__(self, data: bytes):
+            self.data = data
+
+        def read1(self, n: int) -> bytes:
+            out, self.data = self.data[:n], self.data[n:]
+            return out
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        m = int(rng.integers(2, 300))
+        starts = np.unique(rng.integers(1, m, size=int(rng.integers(0, 80))))
+        p0 = int(rng.integers(0, 10_000))
+        seg = np.concatenate([[0], starts, [m]])
+        pos = np.arange(m) - np.repeat(seg[:-1], np.diff(seg))
+        pos[: seg[1]] += p0
+        doc_positions = trial % 3 != 0
+        if not doc_positions:  # not document positions: must still arrive exactly
+            pos[int(rng.integers(0, m))] += int(rng.integers(1, 5))
+        u16 = trial % 2 == 0
+        tokens = rng.integers(0, 1 << 16 if u16 else 1 << 31, size=m)
+        s = {"tokens": tokens, "positions": pos, "source": 1, "epoch": 3, "sample": -1, "index": 7,
+             "shard": 2, "block": 9, "offset": 11}
+        frame = wire.sample_frame(s, 42, u16)
+        body = m * (2 if u16 else 4) + (4 * len(starts) if doc_positions else 4 * m)
+        assert len(frame) == 1 + wire.SAMPLE_HEAD.size + body
+        r = wire.FrameReader(Src(wire.stream_header("0123456789abcdef", m - 1, 2) + frame), chunk=7)
+        head = r.head()
+        kind, (got, nxt) = r.frame(head)
+        assert kind == "S" and nxt == 42 and key(got) == key(s)
+        with pytest.raises(EOFError):  # a cut stream is not a clean end
+            r.frame(head)
