@@ -288,11 +288,39 @@ class MixStream:
             shard = np.empty(n, dtype=np.int64)
             block = np.empty(n, dtype=np.int64)
             offset = np.empty(n, dtype=np.int64)
+            base = np.zeros(n, dtype=np.int64)  # position of each window's first token
+            restarts: list[tuple[int, list[int]]] = []  # (row, offsets where a document starts)
+            spanning: list[int] = []
+            blocks = {}
+            consumed = 0.0
             for i in range(n):
-                src = ch.src[i]
-                ref = self._fill(src, ch.pieces[i], tokens[i], positions[i])
-                shard[i], block[i], offset[i] = ref.shard, ref.block, ch.pieces[i][0][1]
+                src, pieces = ch.src[i], ch.pieces[i]
                 self.stats.samples_per_source[src] += 1
+                if len(pieces) > 1:
+                    spanning.append(i)
+                    continue
+                bi, start, stop = pieces[0]
+                blk = blocks.get((src, bi))
+                if blk is None:
+                    blk = blocks[(src, bi)] = self.loader.get(src, bi)
+                tokens[i] = blk.tokens[start:stop]
+                d = blk.doc_ends
+                lo, hi = d.searchsorted(start, "right"), d.searchsorted(stop - 1, "right")
+                base[i] = start - (d[lo - 1] if lo else 0)
+                if hi > lo:
+                    restarts.append((i, (d[lo:hi] - start).tolist()))
+                consumed += (stop - start) / len(blk.tokens) * blk.nbytes_stored
+                ref = self.refs[src][bi]
+                shard[i], block[i], offset[i] = ref.shard, ref.block, start
+            np.add(self._ramp, base[:, None], out=positions)
+            for i, offsets in restarts:
+                row = positions[i]
+                for o in offsets:
+                    row[o:] -= row[o]
+            for i in spanning:
+                ref = self._fill(ch.src[i], ch.pieces[i], tokens[i], positions[i])
+                shard[i], block[i], offset[i] = ref.shard, ref.block, ch.pieces[i][0][1]
+            self.stats.bytes_consumed += consumed
             self.stats.samples += n
             batch = {"tokens": tokens, "positions": positions, "source": np.asarray(ch.src, dtype=np.int64),
                      "sample": np.asarray(ch.gidx, dtype=np.int64), "index": np.asarray(ch.idx, dtype=np.int64),
