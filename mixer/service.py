@@ -506,7 +506,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if st.point is not last_point and st.point != last_point:
                     buf += wire.point_frame(st.point.step, st.point.counts, st.point.deficit)
                 last_point = st.point
-                buf += wire.sample_frame(sample, st.next, svc.u16[sample["source"]])
+                wire.append_sample(buf, sample, st.next, svc.u16[sample["source"]])
                 per_source[sample["source"]] += 1
                 sent += 1
                 if max_samples is not None and sent >= max_samples:

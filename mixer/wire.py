@@ -77,27 +77,33 @@ def rebuild_positions(n: int, p0: int, starts: np.ndarray) -> np.ndarray:
     return pos
 
 
-def sample_frame(sample: dict[str, Any], next_pos: int, u16: bool) -> bytes:
-    """One sample (``tokens``/``positions`` int64 arrays and provenance) as a frame. ``u16``: the
-    source's tokens are stored as uint16 (so they fit)."""
+def append_sample(buf: bytearray, sample: dict[str, Any], next_pos: int, u16: bool) -> None:
+    """Append one sample (``tokens``/``positions`` int64 arrays and provenance) as a frame to
+    ``buf``. ``u16``: the source's tokens are stored as uint16 (so they fit)."""
     tokens: np.ndarray = sample["tokens"]
     positions: np.ndarray = sample["positions"]
     flags = 0 if u16 else TOKENS_U32
-    tok_bytes = tokens.astype(np.uint16 if u16 else np.uint32).tobytes()
     p0 = int(positions[0])
-    restart = positions[1:] == 0
-    # compact form iff every position is 0 (a document start) or the previous one + 1
-    if 0 <= p0 < 1 << 32 and bool(np.all(restart | (positions[1:] == positions[:-1] + 1))):
-        starts = np.flatnonzero(restart) + 1
-        pos_bytes = starts.astype(np.uint32).tobytes()
-        n_starts = len(starts)
-    else:
+    # compact iff every position that is not previous + 1 is 0 (a document start)
+    steps = positions[1:] - positions[:-1]
+    breaks = np.flatnonzero(steps != 1)
+    compact = 0 <= p0 < 1 << 32 and not positions[1:][breaks].any()
+    if not compact:
         flags |= FULL_POSITIONS
-        pos_bytes = positions.astype(np.int32).tobytes()
-        p0, n_starts = 0, 0
-    head = SAMPLE_HEAD.pack(flags, sample["source"], sample["epoch"], sample["sample"], sample["index"],
-                            next_pos, sample["shard"], sample["block"], sample["offset"], p0, n_starts)
-    return b"S" + head + tok_bytes + pos_bytes
+    buf += b"S"
+    buf += SAMPLE_HEAD.pack(flags, sample["source"], sample["epoch"], sample["sample"], sample["index"],
+                            next_pos, sample["shard"], sample["block"], sample["offset"],
+                            p0 if compact else 0, len(breaks) if compact else 0)
+    # (a memoryview: `bytearray += ndarray` would be numpy's broadcasting add)
+    buf += memoryview(tokens.astype(np.uint16 if u16 else np.uint32))
+    buf += memoryview((breaks + 1).astype(np.uint32) if compact else positions.astype(np.int32))
+
+
+def sample_frame(sample: dict[str, Any], next_pos: int, u16: bool) -> bytes:
+    """One sample as a frame (see :func:`append_sample`)."""
+    buf = bytearray()
+    append_sample(buf, sample, next_pos, u16)
+    return bytes(buf)
 
 
 @dataclass
