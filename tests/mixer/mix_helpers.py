@@ -86,3 +86,21 @@ class TcpProxy:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def consume_rank(spec_: dict, rank: int, world: int, cache_dir: str, samples: int) -> dict:
+    """One data-parallel rank in its own process (multiprocessing spawn target): consume
+    ``samples`` samples through a disk cache at ``cache_dir``; what it used and fetched."""
+    from mixer.blocks import CacheConfig
+    from mixer.dataset import MixedDataset
+
+    ds = MixedDataset(spec_, rank, world, cache=CacheConfig(disk_dir=cache_dir, prefetch_samples=16))
+    it = iter(ds)
+    used = set()
+    for _ in range(samples):
+        s = next(it)
+        used.add((s["source"], s["shard"], s["block"]))
+    it.close()
+    st = ds.stats()
+    return {"used": sorted(used), "blocks_fetched": st["blocks_fetched"], "bytes_fetched": st["bytes_fetched"],
+            "bytes_consumed": st["bytes_consumed"], "disk_hits": st["blocks_disk_hits"]}
