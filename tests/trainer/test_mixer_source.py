@@ -174,3 +174,39 @@ def test_resume_and_cpt_check_the_recorded_versions(store: str, tmp_path: Path) 
         assert check_run_inputs(fresh, "pretrain", "") == {}  # a fresh run checks nothing
     finally:
         moved.rename(version_dir)
+
+
+def test_service_source_streams_what_the_in_process_mixer_does(
+        store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mixer.blocks import CacheConfig
+    from mixer.dataset import open_blend
+    from mixer.service import MixService, ServiceConfig
+
+    blend = write_blend(tmp_path / "b.yaml", store, {"lang_a": 0.5, "lang_b": 0.5})
+    other = write_blend(tmp_path / "other.yaml", store, {"lang_a": 0.5, "lang_b": 0.5}, seed=9)
+    monkeypatch.setenv("CPT_TEST_MIX_TOKEN", "s3cret")
+    resolved, datasets = open_blend(str(blend))
+    with MixService(resolved, datasets, ServiceConfig(port=0, token="s3cret"),
+                    CacheConfig(prefetch_threads=1)) as svc:
+        remote_cfg = _cfg(blend, service_url=svc.url, service_token_env="CPT_TEST_MIX_TOKEN",
+                          global_batch_size=4)
+        remote = CptDataLoader(remote_cfg, dp_world_size=2, dp_rank=1, seq_len=64,
+                               local_batch_size=2)
+        local = CptDataLoader(_cfg(blend, global_batch_size=4), dp_world_size=2, dp_rank=1,
+                              seq_len=64, local_batch_size=2)
+        r_it, l_it = iter(remote), iter(local)
+        for _ in range(3):
+            (r_in, r_lab), (l_in, l_lab) = next(r_it), next(l_it)
+            assert torch.equal(r_in["input"], l_in["input"])
+            assert torch.equal(r_in["positions"], l_in["positions"])
+            assert torch.equal(r_lab, l_lab)
+        assert [a.tolist() for a in remote.pending_sources] == [
+            a.tolist() for a in local.pending_sources]
+        assert remote.state_dict() == local.state_dict()
+        assert remote.describe()["blend"]["fingerprint"] == resolved.fingerprint
+        r_val = remote.source.validation_samples(1, 2)
+        l_val = local.source.validation_samples(1, 2)
+        assert [s["tokens"].tolist() for s in r_val] == [s["tokens"].tolist() for s in l_val]
+        wrong = _cfg(other, service_url=svc.url, service_token_env="CPT_TEST_MIX_TOKEN")
+        with pytest.raises(ConfigError, match="but the expected blend is"):
+            build_source(wrong, seq_len=64, global_batch_size=4, rank=0, world_size=1)
