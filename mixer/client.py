@@ -26,10 +26,11 @@ from urllib.parse import urlencode, urlsplit
 
 from torch.utils.data import IterableDataset, get_worker_info
 
+from corpus.store import parse_ref
 from cpt.errors import ConfigError, CptError
 from mixer import wire
 from mixer.schedule import MixPoint
-from mixer.spec import ResolvedBlend, blend_from_json, load_spec_file, resolve
+from mixer.spec import BlendSpec, ResolvedBlend, blend_from_json, load_spec_file, parse_spec
 from mixer.stream import MixState, find_states, merge_states
 
 TOKEN_ENV = "CPT_MIX_TOKEN"
@@ -54,18 +55,44 @@ class _Transient(Exception):
 _RETRYABLE = (_Transient, OSError, EOFError, http.client.HTTPException)
 
 
-def expected_fingerprint(spec: str | Path | dict[str, Any] | ResolvedBlend) -> str:
-    """The blend fingerprint a spec stands for: a resolved blend (object, dict or JSON/YAML file)
-    gives it directly; a bare 16-hex-digit string is taken as a fingerprint; an unresolved spec is
-    resolved (which reads the store's manifests)."""
+def check_blend(spec: str | Path | dict[str, Any] | ResolvedBlend, served: ResolvedBlend, url: str) -> None:
+    """Refuse a server whose blend is not the one ``spec`` stands for. A resolved blend (object,
+    dict or JSON/YAML file) or a bare 16-hex-digit fingerprint must match the fingerprint exactly.
+    An unresolved spec is compared without reading the store (trainer hosts of a service setup
+    need no store access): source names, datasets, version-id refs, weights/schedule, seq_len,
+    batch, seed and shuffle window must match; a tag ref (``@latest``) matches any version."""
     if isinstance(spec, ResolvedBlend):
-        return spec.fingerprint
-    if isinstance(spec, str) and len(spec) == 16 and all(c in "0123456789abcdef" for c in spec):
-        return spec
-    data = spec if isinstance(spec, dict) else load_spec_file(spec)
-    if data.get("resolved"):
-        return blend_from_json(data).fingerprint
-    return resolve(data)[0].fingerprint
+        want = spec.fingerprint
+    elif isinstance(spec, str) and len(spec) == 16 and all(c in "0123456789abcdef" for c in spec):
+        want = spec
+    else:
+        data = spec if isinstance(spec, dict) else load_spec_file(spec)
+        if not data.get("resolved"):
+            diffs = _spec_differences(parse_spec(data), served)
+            if diffs:
+                raise ConfigError(f"mixer service {url} serves blend {served.fingerprint}, which differs from the "
+                                  f"expected spec: {'; '.join(diffs)}")
+            return
+        want = blend_from_json(data).fingerprint
+    if want != served.fingerprint:
+        raise ConfigError(f"mixer service {url} serves blend {served.fingerprint}, but the expected blend is {want}")
+
+
+def _spec_differences(bs: BlendSpec, served: ResolvedBlend) -> list[str]:
+    ss = served.spec
+    if bs.names != ss.names:
+        return [f"sources {bs.names} != {ss.names}"]
+    diffs = [f"{f} {getattr(bs, f)} != {getattr(ss, f)}"
+             for f in ("seq_len", "global_batch_size", "seed", "shuffle_blocks") if getattr(bs, f) != getattr(ss, f)]
+    mine, theirs = bs.weight_schedule(), ss.weight_schedule()
+    if (mine.steps, mine.knot_weights) != (theirs.steps, theirs.knot_weights):
+        diffs.append("weights/schedule differ")
+    for s, r in zip(bs.sources, served.sources, strict=True):
+        name, ref = parse_ref(s.dataset)
+        is_version = len(ref) >= 6 and all(c in "0123456789abcdef" for c in ref)
+        if name != r.dataset or (is_version and not r.version.startswith(ref)):
+            diffs.append(f"source {s.name}: {s.dataset} != {r.spec}")
+    return diffs
 
 
 class ServiceMixedDataset(IterableDataset):
@@ -100,10 +127,7 @@ class ServiceMixedDataset(IterableDataset):
         if info.get("fingerprint") != self.fingerprint:
             raise ConfigError(f"mixer service {self.url} sent an inconsistent blend")
         if spec is not None:
-            want = expected_fingerprint(spec)
-            if want != self.fingerprint:
-                raise ConfigError(f"mixer service {self.url} serves blend {self.fingerprint}, "
-                                  f"but the expected blend is {want}")
+            check_blend(spec, self.blend, self.url)
         self._windows = [int(w) for w in info["windows_per_epoch"]]
         g = self.blend.spec.global_batch_size
         if world_size < 1 or not 0 <= rank < world_size:

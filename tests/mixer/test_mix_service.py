@@ -255,6 +255,20 @@ def test_client_refuses_another_blend_and_fails_clearly_without_server(service, 
     other, _ = open_blend(spec(mix_store, {"new": 0.5, "code": 0.5}))
     with pytest.raises(ConfigError, match="serves blend .* but the expected blend is"):
         ServiceMixedDataset(service.url, spec=other, config=FAST)
+    with pytest.raises(ConfigError, match="but the expected blend is"):
+        ServiceMixedDataset(service.url, spec=other.to_json(), config=FAST)
+    # an unresolved spec is checked without the store: the same spec passes, any change is refused
+    served = service.blend
+    ServiceMixedDataset(service.url, spec=spec("/nonexistent/store", W3), config=FAST)
+    pinned = spec("/x", W3)
+    pinned["sources"]["new"]["dataset"] = f"new@{served.sources[0].version[:8]}"
+    ServiceMixedDataset(service.url, spec=pinned, config=FAST)
+    pinned["sources"]["new"]["dataset"] = "new@abcdef0123"
+    for bad, what in [(pinned, "source new"), (spec("/x", W3, seed=8), "seed 8 != 7"),
+                      (spec("/x", W3 | {"code": 0.2}), "weights"), (spec("/x", W3, seq_len=32), "seq_len"),
+                      (spec("/x", {"new": 0.7, "replay": 0.3}), "sources")]:
+        with pytest.raises(ConfigError, match=f"differs from the expected spec: .*{what}"):
+            ServiceMixedDataset(service.url, spec=bad, config=FAST)
     url = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
     with pytest.raises(CptError, match=f"mixer service {url} is unreachable: gave up after") as ei:
@@ -283,7 +297,6 @@ def _start_server(resolved: Path, port: int, token: str) -> subprocess.Popen:
     return proc
 
 
-@pytest.mark.slow
 def test_kill_9_restart_token_and_server_gone_for_good(blend_dss, tmp_path: Path) -> None:
     blend, _ = blend_dss
     resolved = tmp_path / "resolved.json"
