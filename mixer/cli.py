@@ -126,7 +126,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--prefetch-threads", type=int, default=8, help="read-ahead threads (default 8)")
     s.add_argument("--max-clients", type=int, default=256, help="concurrent sample streams (default 256)")
     s.set_defaults(func=_serve)
-    bs = mix.add_parser("bench-service", help="tokens/s through the service on loopback vs in-process")
+    bs = mix.add_parser("bench-service", help="tokens/s through the service on loopback vs in-process",
+                        description="Build a synthetic store, then print tokens/s of the in-process mixer "
+                        "(warm disk cache), of one client of a `cpt mix serve` subprocess on loopback, and "
+                        "of N concurrent client processes (same as python -m mixer.service_bench).")
     from mixer.service_bench import add_arguments as add_service_bench_arguments
     add_service_bench_arguments(bs)
     bs.set_defaults(func=_bench_service)

@@ -13,6 +13,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import socket
 import threading
 import time
 from collections import Counter
@@ -72,6 +73,11 @@ class HttpError(Exception):
         self.message = message
 
 
+def _label(value: str) -> str:
+    """A Prometheus label value, escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 class ServiceMetrics:
     """Counters behind ``GET /metrics`` (Prometheus text format)."""
 
@@ -107,7 +113,7 @@ class ServiceMetrics:
                          for labels, value in rows)
 
         with self.lock:
-            src = [f'{{source="{n}"}}' for n in self.names]
+            src = [f'{{source="{_label(n)}"}}' for n in self.names]
             metric("mixer_blend_info", "gauge", "The served blend.", [(f'{{fingerprint="{fingerprint}"}}', 1)])
             metric("mixer_samples_served_total", "counter", "Samples sent to clients.", [("", sum(self.samples))])
             metric("mixer_tokens_served_total", "counter", "Training tokens sent (seq_len per sample).",
@@ -164,7 +170,8 @@ class MixService:
         }).encode()
         handler = type("MixHandler", (_Handler,), {"service": self, "timeout": self.config.request_timeout_s})
         try:
-            self.server = _Server((self.config.host, self.config.port), handler)
+            server_cls = _Server6 if ":" in self.config.host else _Server
+            self.server = server_cls((self.config.host, self.config.port), handler)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror or exc}") from exc
         self._thread: threading.Thread | None = None
@@ -315,6 +322,10 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:  # no traceback soup
         log.exception("mixer service: unhandled error for %s", client_address)
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 class _ClientGone(Exception):
