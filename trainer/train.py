@@ -111,6 +111,7 @@ class CptTrainer(Trainer):
         self._mb_sources: np.ndarray | None = None
         self._val_at_start: dict[str, float] = {}
         self._val_warned: set[str] = set()
+        self._val_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # fixed
         self._checkpoints: list[int] = []
         self._out = Path(config.dump_folder)
         self._tb: Any = None
@@ -191,9 +192,14 @@ class CptTrainer(Trainer):
         logits, labels = local_tensor(pred).detach(), local_tensor(labels)
         if sources is None or logits.dim() != 3 or len(sources) != logits.shape[0]:
             return
-        sums = torch.stack([  # one sample at a time: no (B, L, V) float copy
-            F.cross_entropy(logits[i].float(), labels[i], ignore_index=IGNORE_INDEX,
-                            reduction="sum") for i in range(logits.shape[0])])
+        batch, vocab = logits.shape[0], logits.shape[-1]
+        flat, flat_labels = logits.reshape(-1, vocab), labels.reshape(-1)
+        chunk = max(1, (1 << 27) // vocab)  # <= 512 MiB of float32 logits at a time
+        token_loss = torch.cat([
+            F.cross_entropy(flat[i:i + chunk].float(), flat_labels[i:i + chunk],
+                            ignore_index=IGNORE_INDEX, reduction="none")
+            for i in range(0, flat.shape[0], chunk)])
+        sums = token_loss.reshape(batch, -1).sum(-1)
         counts = (labels != IGNORE_INDEX).sum(-1)
         index = torch.from_numpy(sources).to(self._source_loss.device)
         k = self.dataloader.num_sources
@@ -227,9 +233,11 @@ class CptTrainer(Trainer):
         or holds fewer than ``eval.samples_per_source`` windows is skipped (warning once);
         the batches must be equal on all ranks (the model is sharded), so a short split is
         not used partially."""
+        if self._val_cache is not None:
+            return self._val_cache
+        self._val_cache = batches = {}
         source = self.dataloader.source
         n = self.config.evaluation.samples_per_source
-        batches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         held_out = getattr(source, "validation_samples", None)
         if held_out is None or n <= 0:  # a source without held-out batches: no val metrics
             return batches

@@ -64,12 +64,14 @@ def test_short_or_missing_held_out_split_is_skipped_with_warning(
     assert len(source.validation_samples(0, 4)) == 3
     fake = SimpleNamespace(dataloader=SimpleNamespace(source=source), device="cpu",
                            config=SimpleNamespace(evaluation=SimpleNamespace(samples_per_source=4)),
-                           _val_warned=set())
+                           _val_warned=set(), _val_cache=None)
     with caplog.at_level(logging.WARNING):
         assert CptTrainer._val_batches(fake) == {}
     assert "source 'lang_a' has 3 held-out windows" in caplog.text
     fake.config.evaluation.samples_per_source = 3
+    fake._val_cache = None  # the batches are computed once per run
     batches = CptTrainer._val_batches(fake)
+    assert CptTrainer._val_batches(fake) is batches
     assert sorted(batches) == ["lang_a", "lang_b"]
     tokens, positions = batches["lang_b"]
     assert tokens.shape == positions.shape == (3, 65)
@@ -80,6 +82,7 @@ def test_short_or_missing_held_out_split_is_skipped_with_warning(
                        holdout_tokens=0)
     fake.dataloader.source = build_source(_cfg(none), seq_len=64, global_batch_size=4,
                                           rank=0, world_size=1)
+    fake._val_cache = None
     assert CptTrainer._val_batches(fake) == {}
 
 
@@ -208,5 +211,5 @@ def test_service_source_streams_what_the_in_process_mixer_does(
         l_val = local.source.validation_samples(1, 2)
         assert [s["tokens"].tolist() for s in r_val] == [s["tokens"].tolist() for s in l_val]
         wrong = _cfg(other, service_url=svc.url, service_token_env="CPT_TEST_MIX_TOKEN")
-        with pytest.raises(ConfigError, match="but the expected blend is"):
+        with pytest.raises(ConfigError, match="mixer service .* serves blend"):
             build_source(wrong, seq_len=64, global_batch_size=4, rank=0, world_size=1)
