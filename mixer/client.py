@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from corpus.store import parse_ref
@@ -107,9 +108,13 @@ class ServiceMixedDataset(IterableDataset):
         token: str | None = None,
         spec: str | Path | dict[str, Any] | ResolvedBlend | None = None,
         loader_batch_size: int | None = None,
+        batched: bool = False,
         config: ClientConfig | None = None,
     ):
+        """``batched``: as in MixedDataset, iterate whole loader batches (dicts of int64 torch
+        tensors with a leading dimension of ``loader_batch_size``); use ``batch_size=None``."""
         super().__init__()
+        self.batched = batched
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"mixer service URL must be http(s)://host:port, not {url!r}")
@@ -139,7 +144,7 @@ class ServiceMixedDataset(IterableDataset):
         self.local_batch_size = g // world_size
         self.loader_batch_size = loader_batch_size or self.local_batch_size
         self._state = MixState(self.fingerprint, world_size, MixPoint.start(len(self.blend.names)), 0)
-        self._samples = [0] * len(self.blend.names)
+        self._received = [0] * len(self.blend.names)
         self._bytes = 0
         self._reconnects = 0
 
@@ -196,8 +201,8 @@ class ServiceMixedDataset(IterableDataset):
     def stats(self) -> dict[str, Any]:
         """Samples/tokens per source received by this process, bytes received, reconnects."""
         return {
-            "samples_per_source": dict(zip(self.source_names, self._samples, strict=True)),
-            "tokens_per_source": {n: c * self.seq_len for n, c in zip(self.source_names, self._samples, strict=True)},
+            "samples_per_source": dict(zip(self.source_names, self._received, strict=True)),
+            "tokens_per_source": {n: c * self.seq_len for n, c in zip(self.source_names, self._received, strict=True)},
             "bytes_received": self._bytes,
             "reconnects": self._reconnects,
         }
@@ -226,6 +231,26 @@ class ServiceMixedDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = (info.id, info.num_workers, self.loader_batch_size) if info else (0, 1, self.loader_batch_size)
+        samples = self._sample_stream(worker)
+        if not self.batched:
+            return samples
+        return self._batches(samples)
+
+    def _batches(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Chunks of ``loader_batch_size`` samples collated (the server sends a worker's chunk as
+        consecutive samples); the state is the one after the chunk's last sample."""
+        import torch
+
+        try:
+            while True:
+                chunk = [next(samples) for _ in range(self.loader_batch_size)]
+                yield {k: torch.from_numpy(np.stack([c[k] for c in chunk]) if k in ("tokens", "positions")
+                                           else np.array([c[k] for c in chunk], dtype=np.int64))
+                       for k in chunk[0]}
+        finally:
+            samples.close()
+
+    def _sample_stream(self, worker: tuple[int, int, int]) -> Iterator[dict[str, Any]]:
         retry = _Backoff(self.config, self.url)
         retryable = _RETRYABLE  # a local: still bound if the generator is finalized at interpreter exit
         while True:
@@ -246,7 +271,7 @@ class ServiceMixedDataset(IterableDataset):
                         sample, nxt = val
                         self._state = MixState(self.fingerprint, self.world_size, point, nxt,
                                                worker if worker[1] > 1 else None)
-                        self._samples[sample["source"]] += 1
+                        self._received[sample["source"]] += 1
                         retry.reset()
                         yield sample
                     elif kind == "P":

@@ -105,6 +105,17 @@ def test_client_stream_and_state_are_identical_to_in_process(service, blend_dss,
     assert key(next(iter(md))) == key(want[n])
 
 
+def test_batched_client_equals_batched_in_process(service, blend_dss) -> None:
+    md = MixedDataset(blend_dss[0], rank=1, world_size=2, loader_batch_size=5, batched=True)
+    ds = ServiceMixedDataset(service.url, 1, 2, loader_batch_size=5, batched=True, config=FAST)
+    want, got = take(md, 7), take(ds, 7)
+    assert ds.state_dict() == md.state_dict()
+    for w, g in zip(want, got, strict=True):
+        assert w.keys() == g.keys()
+        for k in w:
+            assert w[k].dtype == g[k].dtype and w[k].shape == g[k].shape and bool((w[k] == g[k]).all()), k
+
+
 def test_validation_epochs_describe_and_metrics(service, blend_dss) -> None:
     blend, dss = blend_dss
     ds = ServiceMixedDataset(service.url, config=FAST)
