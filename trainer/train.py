@@ -125,6 +125,10 @@ class CptTrainer(Trainer):
         blend = recorded_blend(record)
         if blend and config.dataloader.kind == "mixer":  # type: ignore[attr-defined]
             config.dataloader.resolved_blend = blend  # type: ignore[attr-defined]
+            if _rank() == 0:
+                versions = ", ".join(f"{x['dataset']}@{x['version']}" for x in blend["sources"])
+                logger.info(f"resuming on the recorded blend {blend.get('fingerprint')} "
+                            f"({versions}), not re-resolving data.blend")
 
     def _setup_cpt(self, config: Config) -> None:
         parent = Path(config.run.parent_run_dir)
