@@ -33,10 +33,21 @@ def test_overrides_parse_yaml_values() -> None:
     ("model.router=nope", "model.router"),
     ("training.global_batch_size=3", "multiple of"),
     ("run.phase=cpt", "parent_run_dir"),
+    ("data.kind=mixer", "needs data.blend .* or data.service_url"),
+    ("data.service_url=http://mixer:8470", "data.service_url needs data.kind=mixer"),
 ])
 def test_bad_configs_fail_with_one_clear_message(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(CONFIGS / "tiny_moe.yaml", [override])
+
+
+def test_example_mixer_configs_load() -> None:
+    pre = load_config(CONFIGS / "tiny_moe_mixer.yaml")
+    cpt = load_config(CONFIGS / "tiny_moe_cpt.yaml")
+    assert pre["data"]["kind"] == cpt["data"]["kind"] == "mixer"
+    assert cpt["run"]["phase"] == "cpt" and cpt["run"]["parent_run_dir"] == pre["run"]["output_dir"]
+    for cfg in (pre, cpt):
+        assert (CONFIGS.parents[1] / cfg["data"]["blend"]).is_file()
 
 
 def test_missing_config_file() -> None:
