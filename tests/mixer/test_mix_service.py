@@ -26,7 +26,7 @@ from mixer.stream import MixState, MixStream
 from tests.mixer.mix_helpers import TcpProxy, spec
 
 W3 = {"new": 0.7, "replay": 0.2, "code": 0.1}
-FAST = ClientConfig(retry_s=20.0, backoff_s=0.05, max_backoff_s=0.5)
+FAST = ClientConfig(retry_s=60.0, backoff_s=0.05, max_backoff_s=0.5)  # generous: a restart imports torch
 
 
 def key(s: dict) -> tuple:
