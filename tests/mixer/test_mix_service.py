@@ -23,7 +23,7 @@ from mixer.client import ClientConfig, ServiceMixedDataset
 from mixer.dataset import MixedDataset, open_blend
 from mixer.service import MixService, ServiceConfig
 from mixer.stream import MixState, MixStream
-from tests.mixer.mix_helpers import TcpProxy, spec
+from tests.mixer.mix_helpers import TcpProxy, publish, spec
 
 W3 = {"new": 0.7, "replay": 0.2, "code": 0.1}
 FAST = ClientConfig(retry_s=60.0, backoff_s=0.05, max_backoff_s=0.5)  # generous: a restart imports torch
@@ -291,6 +291,9 @@ def test_binding_off_loopback_needs_a_token(blend_dss, mix_store, tmp_path: Path
     blend, dss = blend_dss
     with pytest.raises(ConfigError, match="needs a shared token"):
         MixService(blend, dss, ServiceConfig(host="0.0.0.0", port=0))
+    with MixService(blend, dss, ServiceConfig(port=0)) as first:  # a port in use: one clear error
+        with pytest.raises(ConfigError, match="cannot listen on 127.0.0.1:.*in use"):
+            MixService(blend, dss, ServiceConfig(port=first.server.server_address[1]))
     p = tmp_path / "blend.json"
     p.write_text(json.dumps(blend.to_json()))
     env = {k: v for k, v in os.environ.items() if k != "CPT_MIX_TOKEN"}
@@ -298,6 +301,24 @@ def test_binding_off_loopback_needs_a_token(blend_dss, mix_store, tmp_path: Path
                           "--port", "0"], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
     assert "needs a shared token" in out.stderr
+
+
+def test_data_that_becomes_unreadable_mid_stream_is_one_clear_client_error(tmp_path: Path) -> None:
+    store = str(tmp_path / "store")
+    publish(store, "new", 1, 300)
+    blend, dss = open_blend(spec(store, {"new": 1.0}))
+    # no memory to speak of and no read-ahead: every block is read from the store when needed
+    with MixService(blend, dss, ServiceConfig(port=0), CacheConfig(memory_bytes=1, prefetch_threads=0)) as svc:
+        it = iter(ServiceMixedDataset(svc.url, config=FAST))
+        for _ in range(5):
+            next(it)
+        for shard in Path(store).rglob("*.tar"):
+            shard.unlink()
+        with pytest.raises(CptError, match=f"mixer service {svc.url}: .*shard file is missing") as ei:
+            for _ in range(10_000):
+                next(it)
+        assert "\n" not in str(ei.value)
+        assert svc.metrics.requests[("/v1/samples", 200)] == 1  # not retried: the data is gone
 
 
 def _start_server(resolved: Path, port: int, token: str) -> subprocess.Popen:
