@@ -295,17 +295,24 @@ class MixService:
         q = parse_qs(query, keep_blank_values=True)
         src_raw = (q.get("source") or [""])[0]
         count_raw = (q.get("count") or [""])[0]
+        index = _uint(src_raw)
         if src_raw in self.names:
             src = self.names.index(src_raw)
-        elif src_raw.isdigit() and int(src_raw) < len(self.names):
-            src = int(src_raw)
+        elif index is not None and index < len(self.names):
+            src = index
         else:
             raise HttpError(404, f"source {src_raw[:64]!r} is not in the served blend {self.names}")
-        if not count_raw.isdigit() or not 1 <= int(count_raw) <= self.config.max_validation_windows \
-                or int(count_raw) * (self.blend.spec.seq_len + 1) > MAX_VALIDATION_TOKENS:
+        count = _uint(count_raw)
+        if count is None or not 1 <= count <= self.config.max_validation_windows \
+                or count * (self.blend.spec.seq_len + 1) > MAX_VALIDATION_TOKENS:
             raise HttpError(400, f"count must be an integer in 1..{self.config.max_validation_windows} "
                                  f"(and at most {MAX_VALIDATION_TOKENS} tokens)")
-        return src, int(count_raw)
+        return src, count
+
+
+def _uint(text: str) -> int | None:
+    """A short string of ASCII digits as an int, else None (no unicode digits, no 5000-digit ints)."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
 
 
 def _int_field(req: dict[str, Any], key: str, default: int) -> int:
@@ -433,9 +440,9 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.headers.get("Content-Length")
         if raw is None:
             raise HttpError(411, "Content-Length required")
-        if not raw.strip().isdigit():
+        n = _uint(raw.strip())
+        if n is None:
             raise HttpError(400, "bad Content-Length")
-        n = int(raw)
         if n > self.service.config.max_body_bytes:
             raise HttpError(413, f"request body of {n} bytes is larger than {self.service.config.max_body_bytes}")
         data = self.rfile.read(n)

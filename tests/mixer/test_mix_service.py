@@ -241,6 +241,10 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(service, blend_
     assert request(service.url, "GET", "/v1/validation?source=nope&count=2")[0] == 404
     assert request(service.url, "GET", "/v1/validation?source=new&count=abc")[0] == 400
     assert request(service.url, "GET", "/v1/validation?source=new&count=1000000000")[0] == 400
+    assert request(service.url, "GET", "/v1/validation?source=new&count=%C2%B2")[0] == 400
+    assert request(service.url, "GET", "/v1/validation?source=%C2%B2&count=" + "9" * 5000)[0] == 404
+    assert request(service.url, "GET", "/v1/validation?source=new&count=" + "9" * 5000)[0] == 400
+    assert post(b"{}", headers={"Content-Length": "\u00b2"}) == 400
     assert request(service.url, "GET", "/nope")[0] == 404
     assert request(service.url, "PUT", "/v1/samples", b"{}")[0] == 405
     assert request(service.url, "GET", "/v1/samples")[0] == 405
