@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cpt.errors import ConfigError, CptError
 from mixer.blocks import CacheConfig
@@ -263,6 +265,28 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(service, blend_
     ds = ServiceMixedDataset(service.url, 0, 1, config=FAST)
     want, _ = inproc(blend_dss, 0, 1, 10)
     assert [key(s) for s in take(ds, 10)] == [key(s) for s in want]
+    assert request(service.url, "GET", "/healthz")[0] == 200
+
+
+_json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
+                      st.text(max_size=20))
+_json = st.recursive(_json_leaf, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                     max_leaves=12)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_sample_requests_are_answered_never_crash(service, blend_dss, data) -> None:
+    fp = service.blend.fingerprint
+    good = inproc(blend_dss, 1, 2, 30)[1].to_dict()
+    state = data.draw(st.one_of(_json, st.fixed_dictionaries({k: st.one_of(st.just(v), _json) for k, v in good.items()})))
+    req = data.draw(st.fixed_dictionaries({}, optional={
+        "fingerprint": st.one_of(st.just(fp), _json), "rank": st.one_of(st.integers(-2, 30), _json),
+        "world_size": st.one_of(st.sampled_from([1, 2, 3, 8, 24]), _json), "state": st.just(state),
+        "worker": st.one_of(st.lists(st.integers(-1, 5), min_size=3, max_size=3), _json),
+        "max_samples": st.one_of(st.just(2), _json), "sources": st.one_of(st.just(["new", "replay", "code"]), _json)}))
+    status, body = request(service.url, "POST", "/v1/samples", json.dumps(req).encode())
+    assert status == 200 or 400 <= status < 500, (status, body[:200])
     assert request(service.url, "GET", "/healthz")[0] == 200
 
 
