@@ -491,12 +491,23 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.close_connection = True
             self.connection.settimeout(cfg.send_timeout_s)
-            self._send_frames(first, gen, max_samples)
+            st = first[1]
+            log.info("stream for rank %d/%d from sample %d (step %d) to %s", rank, world, first[0]["sample"],
+                     st.point.step, self.address_string())
+            t0 = time.monotonic()
+            sent = 0
+            try:
+                sent = self._send_frames(first, gen, max_samples)
+            finally:
+                log.info("stream for rank %d/%d to %s ended after %.1fs%s", rank, world, self.address_string(),
+                         time.monotonic() - t0, f", {sent} samples" if sent else " (client gone)")
         finally:
             gen.close()
             ms.close()
 
-    def _send_frames(self, first: tuple[dict, MixState], gen: Any, max_samples: int | None) -> None:
+    def _send_frames(self, first: tuple[dict, MixState], gen: Any, max_samples: int | None) -> int:
+        """Frames until the client goes (raises), the server stops or ``max_samples``; returns
+        the number of samples sent."""
         svc = self.service
         cfg = svc.config
         seq_len = svc.blend.spec.seq_len
@@ -545,6 +556,7 @@ class _Handler(BaseHTTPRequestHandler):
             buf += wire.error_frame(f"internal error in the mixer service: {type(exc).__name__}: {exc}")
         if buf:
             flush()
+        return sent
 
 
 def serve_forever(service: MixService, stop: threading.Event) -> None:
