@@ -62,7 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from mixer.blocks import CacheConfig
     from mixer.dataset import open_blend
-    from mixer.service import MixService, ServiceConfig, serve_forever
+    from mixer.service import MixService, ServeRecord, ServiceConfig, serve_forever
     from mixer.spec import load_spec_file
 
     token = os.environ.get("CPT_MIX_TOKEN") or None
@@ -83,7 +83,10 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     print(f"serving blend {blend.fingerprint} ({', '.join(blend.names)}) on {svc.url}"
           f"{' (bearer token required)' if token else ''}", flush=True)
-    serve_forever(svc, stop)
+    record = None if args.no_record else ServeRecord(svc)
+    serve_forever(svc, stop, record)
+    if record is not None and record.run_id:
+        print(f"run record: {record.run_id} (cpt runs show {record.run_id})", flush=True)
     print("mixer service stopped", flush=True)
     return 0
 
@@ -125,6 +128,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--memory-bytes", type=int, default=1 << 30, help="decoded blocks in memory (default 1 GiB)")
     s.add_argument("--prefetch-threads", type=int, default=8, help="read-ahead threads (default 8)")
     s.add_argument("--max-clients", type=int, default=256, help="concurrent sample streams (default 256)")
+    s.add_argument("--no-record", action="store_true", help="do not write a run record of this serving session "
+                   "to the stores' run catalog (see `cpt runs ls`)")
     s.set_defaults(func=_serve)
     bs = mix.add_parser("bench-service", help="tokens/s through the service on loopback vs in-process",
                         description="Build a synthetic store, then print tokens/s of the in-process mixer "

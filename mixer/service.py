@@ -559,13 +559,51 @@ class _Handler(BaseHTTPRequestHandler):
         return sent
 
 
-def serve_forever(service: MixService, stop: threading.Event) -> None:
-    """Run ``service`` until ``stop`` is set (the CLI sets it on SIGTERM/SIGINT)."""
+class ServeRecord:
+    """The service's run record in the store catalog (``cpt runs``): one ``kind: mix`` run per
+    ``cpt mix serve`` session with the resolved blend and the tokens served per source, updated
+    every ``every_s`` seconds while they change and finished on shutdown. A catalog that cannot be
+    written is logged and retried at the next update; serving goes on."""
+
+    def __init__(self, service: MixService, every_s: float = 60.0):
+        self.service = service
+        self.every_s = every_s
+        self.run_id: str | None = None
+        self._last: list[int] | None = None
+        self._next = 0.0
+
+    def _tokens(self) -> list[int]:
+        with self.service.metrics.lock:
+            return list(self.service.metrics.tokens)
+
+    def update(self, status: str = "running", force: bool = False) -> None:
+        from cpt.runs import record_mix_stream
+
+        tokens = self._tokens()
+        now = time.monotonic()
+        if not force and (now < self._next or tokens == self._last):
+            return
+        self._next = now + self.every_s
+        try:
+            self.run_id = record_mix_stream(
+                self.service.blend.to_json(), dict(zip(self.service.names, tokens, strict=True)),
+                run_id=self.run_id, status=status, extra={"service": {"url": self.service.url}})
+            self._last = tokens
+        except (CptError, OSError) as exc:
+            log.warning("mixer service: could not write its run record: %s", exc)
+
+
+def serve_forever(service: MixService, stop: threading.Event, record: ServeRecord | None = None) -> None:
+    """Run ``service`` until ``stop`` is set (the CLI sets it on SIGTERM/SIGINT), keeping its run
+    record (if any) up to date."""
     service.start()
+    if record is not None:
+        record.update(force=True)
     try:
         while not stop.wait(0.5):
-            pass
+            if record is not None:
+                record.update()
     finally:
         service.close()
-
-
+        if record is not None:
+            record.update("finished", force=True)

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cpt.errors import ConfigError, CptError
+from cpt.runs import RunCatalog
 from mixer.blocks import CacheConfig
 from mixer.client import ClientConfig, ServiceMixedDataset
 from mixer.dataset import MixedDataset, open_blend
@@ -405,6 +406,15 @@ def test_kill_9_restart_token_and_server_gone_for_good(blend_dss, tmp_path: Path
             for _ in range(100_000):
                 next(short)
         assert time.monotonic() - t0 < 15 and "\n" not in str(ei.value)
+        # each serving session left a run record in the store's catalog; the SIGKILLed ones stay
+        # readable ("running"), the SIGTERMed one is finished with the tokens it served
+        runs = [r.record for r in RunCatalog(blend.sources[0].store).list()
+                if r.record.get("phase") == "mix" and r.record["data"]["blend"]["fingerprint"] == blend.fingerprint]
+        assert len(runs) == 3
+        assert sorted(r["status"] for r in runs) == ["finished", "running", "running"]
+        finished = next(r for r in runs if r["status"] == "finished")
+        assert set(finished["tokens_per_source"]) == set(blend.names)
+        assert sum(finished["tokens_per_source"].values()) > 0
     finally:
         if proc.poll() is None:
             proc.kill()
