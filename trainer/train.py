@@ -110,7 +110,6 @@ class CptTrainer(Trainer):
                                         device=self.device)
         self._mb_sources: np.ndarray | None = None
         self._val_at_start: dict[str, float] = {}
-        self._val_warned: set[str] = set()
         self._val_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # fixed
         self._checkpoints: list[int] = []
         self._out = Path(config.dump_folder)
@@ -234,9 +233,9 @@ class CptTrainer(Trainer):
     # ---- evaluation ----------------------------------------------------------------------
     def _val_batches(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The fixed held-out batch of each source. A source whose held-out split is missing
-        or holds fewer than ``eval.samples_per_source`` windows is skipped (warning once);
-        the batches must be equal on all ranks (the model is sharded), so a short split is
-        not used partially."""
+        or holds fewer than ``eval.samples_per_source`` windows is skipped with a warning; the
+        batches must be equal on all ranks (the model is sharded), so a short split is not
+        used partially. Built once per run (the batches are fixed)."""
         if self._val_cache is not None:
             return self._val_cache
         self._val_cache = batches = {}
@@ -245,16 +244,14 @@ class CptTrainer(Trainer):
         held_out = getattr(source, "validation_samples", None)
         if held_out is None or n <= 0:  # a source without held-out batches: no val metrics
             return batches
-        warned = self._val_warned
         for i, name in enumerate(source.source_names):
             samples = held_out(i, n)
             if len(samples) < n:
-                if name not in warned and _rank() == 0:
+                if _rank() == 0:
                     logger.warning(
                         f"validation: source {name!r} has {len(samples)} held-out windows, "
                         f"fewer than eval.samples_per_source={n}; no validation metrics for it "
                         "(raise the blend's holdout_tokens or lower eval.samples_per_source)")
-                warned.add(name)
                 continue
             tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples])).to(self.device)
             positions = rebase_positions(

@@ -64,7 +64,7 @@ def test_short_or_missing_held_out_split_is_skipped_with_warning(
     assert len(source.validation_samples(0, 4)) == 3
     fake = SimpleNamespace(dataloader=SimpleNamespace(source=source), device="cpu",
                            config=SimpleNamespace(evaluation=SimpleNamespace(samples_per_source=4)),
-                           _val_warned=set(), _val_cache=None)
+                           _val_cache=None)
     with caplog.at_level(logging.WARNING):
         assert CptTrainer._val_batches(fake) == {}
     assert "source 'lang_a' has 3 held-out windows" in caplog.text
