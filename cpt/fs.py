@@ -8,6 +8,7 @@ itself, so the same commands work against AWS S3, MinIO or the local test server
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from typing import Any
 
@@ -32,14 +33,23 @@ def join(base: str, *parts: str) -> str:
 
 def unstrip_protocol(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The full URL of ``path`` on ``fs`` (``s3://bucket/key`` or a plain local path)."""
-    if _is_local(fs):
+    if is_local(fs):
         return path
     return fs.unstrip_protocol(path)
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local filesystem."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
+
+
+def absolute_url(url: str) -> str:
+    """``url`` unchanged for object stores; a local path (or ``file://`` URL) made absolute, so a
+    recorded store still names the same folder when read from another working directory."""
+    if "://" in url and not url.startswith("file://"):
+        return url
+    return os.path.abspath(url.removeprefix("file://"))
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
@@ -66,7 +76,7 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    if _is_local(fs):
+    if is_local(fs):
         tmp = f"{path}.tmp-{id(data):x}"
         with fs.open(tmp, "wb") as f:
             f.write(data)

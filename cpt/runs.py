@@ -29,8 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cpt.errors import ConfigError, CptError, NotFoundError
-from cpt.fs import _is_local as is_local  # same package: the one local-vs-remote test
-from cpt.fs import dumps_canonical, join, open_fs, unstrip_protocol
+from cpt.fs import dumps_canonical, is_local, join, open_fs, unstrip_protocol
 from cpt.hashing import sha256_hex
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import yaml
 from corpus.reader import DatasetVersion, open_dataset
 from corpus.store import parse_ref
 from cpt.errors import ConfigError, CptError
-from cpt.fs import dumps_canonical
+from cpt.fs import absolute_url, dumps_canonical
 from cpt.hashing import sha256_hex
 from mixer.holdout import Holdout, auto_tokens, choose_holdout
 from mixer.schedule import Knot, WeightSchedule
@@ -203,7 +203,7 @@ def parse_spec(data: dict[str, Any], base_store: str | None = None) -> BlendSpec
         src_store = s.get("store", store)
         if not src_store:
             raise ConfigError(f"blend spec: no store for source {name!r} (set 'store' at the top or per source)")
-        sources.append(SourceSpec(name, str(ds), str(src_store), _weight(s.get("weight", 1.0), name),
+        sources.append(SourceSpec(name, str(ds), absolute_url(str(src_store)), _weight(s.get("weight", 1.0), name),
                                   _holdout(s.get("holdout_tokens", default_holdout), name)))
     names = [s.name for s in sources]
     if len(set(names)) != len(names):

@@ -2,20 +2,25 @@
 
 A run continues from its own latest checkpoint (resume: the output folder already has one) or,
 as a CPT phase, from a parent run. Either way the run record of that run (``run.json``) names
-the dataset versions it trained on; :func:`check_recorded_inputs` refuses to go on when one of
-them can no longer be read (``trainer.run_record.check_inputs_readable`` raises
-``NotFoundError`` naming it). Light module (no torch): the launcher calls it before starting
+the dataset versions it trained on. A resume needs them (the mixer state continues their
+stream): :func:`check_recorded_inputs` refuses to go on when one of them can no longer be read
+(``trainer.run_record.check_inputs_readable`` raises ``NotFoundError`` naming it). A new CPT
+phase needs only the parent's checkpoint: unreadable parent versions are a warning. Light module (no torch): the launcher calls it before starting
 any process, the trainer again in each process.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
+from cpt.errors import NotFoundError
 from trainer.run_record import read_run_record
 
 CHECKPOINT_FOLDER = "checkpoint"
+
+log = logging.getLogger(__name__)
 
 
 def latest_step(checkpoint_dir: Path) -> int:
@@ -37,18 +42,28 @@ def check_recorded_inputs(record: dict[str, Any]) -> None:
         check_inputs_readable(record)
 
 
+def warn_parent_inputs(record: dict[str, Any]) -> None:
+    """A CPT phase needs only its parent's checkpoint, not the parent's data: an unreadable
+    parent dataset version is reported (lineage can no longer be re-read) but does not stop it."""
+    try:
+        check_recorded_inputs(record)
+    except NotFoundError as exc:
+        log.warning("parent run: %s (the CPT phase starts from its checkpoint anyway)", exc)
+
+
 def check_run_inputs(output_dir: str | Path, phase: str, parent_run_dir: str,
                      checkpoint_folder: str = CHECKPOINT_FOLDER) -> dict[str, Any]:
     """Check the inputs of the run this one continues from; returns that run's record
     (``{}`` for a fresh pre-training run)."""
     if is_resume(output_dir, checkpoint_folder):
         record = read_run_record(output_dir)
-    elif phase == "cpt" and parent_run_dir and Path(parent_run_dir).is_dir():
+        check_recorded_inputs(record)
+        return record
+    if phase == "cpt" and parent_run_dir and Path(parent_run_dir).is_dir():
         record = read_run_record(parent_run_dir)
-    else:
-        return {}
-    check_recorded_inputs(record)
-    return record
+        warn_parent_inputs(record)
+        return record
+    return {}
 
 
 def recorded_blend(record: dict[str, Any]) -> dict[str, Any]:

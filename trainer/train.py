@@ -40,7 +40,7 @@ from trainer import cpu_compat, init_guard
 from trainer.attention import DocumentSDPA, document_causal_mask
 from trainer.data import rebase_positions
 from trainer.evaluation import EvalResult, evaluate, local_tensor, routing_change
-from trainer.lineage import check_recorded_inputs, latest_step, recorded_blend
+from trainer.lineage import check_recorded_inputs, latest_step, recorded_blend, warn_parent_inputs
 from trainer.routers import collect_router_losses
 from trainer.run_record import new_run_id, read_run_record, write_run_record
 
@@ -143,7 +143,7 @@ class CptTrainer(Trainer):
         config.checkpoint.initial_load_model_only = not config.run.load_optimizer
         record = read_run_record(parent)
         if not self._resuming:
-            check_recorded_inputs(record)
+            warn_parent_inputs(record)
         self._parent = {"run_id": record.get("run_id", ""), "run_dir": str(parent),
                         "checkpoint": str(path), "step": step,
                         "load_optimizer": config.run.load_optimizer}

@@ -22,11 +22,15 @@ def run_worker(config_path: str | None, overrides: Sequence[str]) -> int:
     cfg = load_config(config_path, list(overrides))
     trainer_config = to_trainer_config(cfg)
     trainer = trainer_config.build()
+    finished = False
     try:
         trainer.train()
+        finished = True
     finally:
         trainer.close()
         if torch.distributed.is_initialized():
+            if finished:  # no rank tears gloo down while another still talks to it
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
     return 0
 
