@@ -38,6 +38,7 @@ class CacheConfig:
     memory_bytes: int = 1 << 30  # bound on decoded blocks held in memory (+ read-ahead)
     prefetch_threads: int = 4
     prefetch_samples: int = 256  # how far ahead (in this worker's samples) blocks are fetched
+    prefetch_disk_hits: bool = False  # read ahead blocks already in the disk cache too (spare cores)
     retries: int = 5  # attempts per block before giving up
     backoff_s: float = 0.2  # first retry delay; doubles each attempt (capped at 5 s)
     verify: bool = True
@@ -250,6 +251,8 @@ class BlockLoader:
             for key in keys:
                 if key in self._mem or key in self._inflight:
                     continue
+                if self.disk is not None and not self.config.prefetch_disk_hits and self._on_disk(key):
+                    continue  # a local read: cheaper inline than handed to a thread on a busy core
                 est = self._estimate(key)
                 if inflight_bytes + est > budget:
                     break
@@ -258,14 +261,19 @@ class BlockLoader:
                 self._inflight[key] = fut
                 fut.add_done_callback(lambda f, k=key: self._done(k, f))
 
-    def close(self) -> None:
-        """Stop read-ahead: queued fetches are cancelled, running ones stop at their next retry."""
+    def close(self, wait: bool = False) -> None:
+        """Stop read-ahead: queued fetches are cancelled, running ones stop at their next retry
+        (``wait``: return once they have, so that the counters are final)."""
         self._closed = True
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None
 
     # ---- internals -----------------------------------------------------------------------
+    def _on_disk(self, key: tuple[int, int]) -> bool:
+        src, block = key
+        return self.disk.path(self.sources[src].version, self._refs[src][block]).exists()
+
     def _estimate(self, key: tuple[int, int]) -> int:
         src, block = key
         rec = self.sources[src].block_record(self._refs[src][block])

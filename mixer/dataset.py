@@ -119,6 +119,12 @@ class MixedDataset(IterableDataset):
         finally:  # iterator closed or garbage collected: stop read-ahead threads
             stream.close()
 
+    def close(self, wait: bool = False) -> None:
+        """Stop this process's read-ahead (``wait``: until running reads have finished, so that
+        :meth:`stats` is final)."""
+        if self._stream is not None:
+            self._stream.close(wait)
+
     def validation_samples(self, source: int, count: int) -> list[dict[str, Any]]:
         """``count`` fixed windows of source ``source``'s held-out split (see mixer/holdout.py)."""
         return self._get_stream().validation_samples(source, count)

@@ -402,6 +402,7 @@ class MixStream:
         """Epochs per source after serving ``counts`` samples of each."""
         return [pk.epochs_for(int(c)) for pk, c in zip(self.packings, counts, strict=True)]
 
-    def close(self) -> None:
+    def close(self, wait: bool = False) -> None:
+        """Stop this stream's read-ahead (``wait``: until running reads have finished)."""
         if self._own_loader:
-            self.loader.close()
+            self.loader.close(wait)

@@ -92,15 +92,18 @@ def consume_rank(spec_: dict, rank: int, world: int, cache_dir: str, samples: in
     """One data-parallel rank in its own process (multiprocessing spawn target): consume
     ``samples`` samples through a disk cache at ``cache_dir``; what it used and fetched."""
     from mixer.blocks import CacheConfig
-    from mixer.dataset import MixedDataset
+    from mixer.dataset import open_blend
+    from mixer.stream import MixStream
 
-    ds = MixedDataset(spec_, rank, world, cache=CacheConfig(disk_dir=cache_dir, prefetch_samples=16))
-    it = iter(ds)
+    blend, dss = open_blend(spec_)
+    ms = MixStream(blend, dss, rank, world, CacheConfig(disk_dir=cache_dir, prefetch_samples=16))
+    it = ms.samples(ms.initial_state())
     used = set()
     for _ in range(samples):
-        s = next(it)
+        s, _ = next(it)
         used.add((s["source"], s["shard"], s["block"]))
     it.close()
-    st = ds.stats()
-    return {"used": sorted(used), "blocks_fetched": st["blocks_fetched"], "bytes_fetched": st["bytes_fetched"],
-            "bytes_consumed": st["bytes_consumed"], "disk_hits": st["blocks_disk_hits"]}
+    ms.close(wait=True)  # reads still running finish first: the counters are final
+    st = ms.loader.stats
+    return {"used": sorted(used), "blocks_fetched": st.blocks_fetched, "bytes_fetched": st.bytes_fetched,
+            "bytes_consumed": ms.stats.bytes_consumed, "disk_hits": st.blocks_disk_hits}
