@@ -291,32 +291,36 @@ class MixStream:
             base = np.zeros(n, dtype=np.int64)  # position of each window's first token
             restarts: list[tuple[int, list[int]]] = []  # (row, offsets where a document starts)
             spanning: list[int] = []
-            blocks = {}
-            consumed = 0.0
+            groups: dict[tuple[int, int], list[int]] = {}  # rows inside one block, per block
             for i in range(n):
                 src, pieces = ch.src[i], ch.pieces[i]
                 self.stats.samples_per_source[src] += 1
                 if len(pieces) > 1:
                     spanning.append(i)
-                    continue
-                bi, start, stop = pieces[0]
-                blk = blocks.get((src, bi))
-                if blk is None:
-                    blk = blocks[(src, bi)] = self.loader.get(src, bi)
-                tokens[i] = blk.tokens[start:stop]
+                else:
+                    groups.setdefault((src, pieces[0][0]), []).append(i)
+            consumed = 0.0
+            for (src, bi), rows in groups.items():
+                blk = self.loader.get(src, bi)
+                starts = [ch.pieces[i][0][1] for i in rows]
+                for i, st in zip(rows, starts, strict=True):
+                    tokens[i] = blk.tokens[st:st + length]
                 d = blk.doc_ends
-                lo, hi = d.searchsorted(start, "right"), d.searchsorted(stop - 1, "right")
-                base[i] = start - (d[lo - 1] if lo else 0)
-                if hi > lo:
-                    restarts.append((i, (d[lo:hi] - start).tolist()))
-                consumed += (stop - start) / len(blk.tokens) * blk.nbytes_stored
+                sa = np.asarray(starts, dtype=np.int64)
+                lo = d.searchsorted(sa, "right")
+                hi = d.searchsorted(sa + (length - 1), "right")
+                base[rows] = sa - np.where(lo > 0, d[lo - 1], 0)
+                for j in np.flatnonzero(hi > lo).tolist():
+                    restarts.append((rows[j], (d[lo[j]:hi[j]] - starts[j]).tolist()))
                 ref = self.refs[src][bi]
-                shard[i], block[i], offset[i] = ref.shard, ref.block, start
+                shard[rows], block[rows], offset[rows] = ref.shard, ref.block, sa
+                consumed += len(rows) * length / len(blk.tokens) * blk.nbytes_stored
             np.add(self._ramp, base[:, None], out=positions)
-            for i, offsets in restarts:
+            ramp = self._ramp
+            for i, offsets in restarts:  # each document starting inside a window restarts at 0
                 row = positions[i]
-                for o in offsets:
-                    row[o:] -= row[o]
+                for o, o_next in zip(offsets, [*offsets[1:], length], strict=True):
+                    row[o:o_next] = ramp[:o_next - o]
             for i in spanning:
                 ref = self._fill(ch.src[i], ch.pieces[i], tokens[i], positions[i])
                 shard[i], block[i], offset[i] = ref.shard, ref.block, ch.pieces[i][0][1]
