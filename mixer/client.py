@@ -25,14 +25,15 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import numpy as np
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import get_worker_info
 
 from corpus.store import parse_ref
 from cpt.errors import ConfigError, CptError
 from mixer import wire
+from mixer.contract import BlendDataset
 from mixer.schedule import MixPoint
 from mixer.spec import BlendSpec, ResolvedBlend, blend_from_json, load_spec_file, parse_spec
-from mixer.stream import MixState, find_states, merge_states
+from mixer.stream import MixState
 
 TOKEN_ENV = "CPT_MIX_TOKEN"
 WIRE_VERSION = 1
@@ -96,7 +97,7 @@ def _spec_differences(bs: BlendSpec, served: ResolvedBlend) -> list[str]:
     return diffs
 
 
-class ServiceMixedDataset(IterableDataset):
+class ServiceMixedDataset(BlendDataset):
     """The mixer's stream for ``(rank, world_size)``, served by a mixer service at ``url``."""
 
     def __init__(
@@ -148,36 +149,11 @@ class ServiceMixedDataset(IterableDataset):
         self._bytes = 0
         self._reconnects = 0
 
-    # ---- contract (as MixedDataset) ------------------------------------------------------
-    @property
-    def source_names(self) -> list[str]:
-        return self.blend.names
-
-    @property
-    def source_versions(self) -> list[str]:
-        return [s.spec for s in self.blend.sources]
-
-    @property
-    def seq_len(self) -> int:
-        return self.blend.spec.seq_len
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.blend.spec.global_batch_size
-
-    def state_dict(self) -> dict[str, Any]:
-        """Where this dataset's iteration continues: the same format as MixedDataset's."""
-        return self._state.to_dict()
-
+    # ---- contract (as MixedDataset; properties and state_dict: mixer/contract.py) ----------
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A state of this dataset or of a MixedDataset of the same blend (any world size at a
         step boundary), or a whole ``StatefulDataLoader`` state (worker states are merged)."""
-        found = find_states(state)
-        if len(found) > 1 and not state.get("mixer_state"):
-            state = merge_states(found)
-        elif found:
-            state = found[0]
-        s = MixState.from_dict(state)
+        s = self.incoming_state(state)
         if s.blend != self.fingerprint:
             raise ConfigError(f"mixer state belongs to blend {s.blend}, not to this blend {self.fingerprint}")
         if len(s.point.counts) != len(self.blend.names):

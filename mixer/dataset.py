@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import get_worker_info
 
 from corpus.reader import DatasetVersion
 from mixer.blocks import CacheConfig
+from mixer.contract import BlendDataset
 from mixer.spec import ResolvedBlend, blend_from_json, open_sources, resolve
-from mixer.stream import MixState, MixStream, find_states, merge_states
+from mixer.stream import MixStream
 
 
 def open_blend(spec: str | Path | dict[str, Any] | ResolvedBlend) -> tuple[ResolvedBlend, list[DatasetVersion]]:
@@ -36,7 +37,7 @@ def open_blend(spec: str | Path | dict[str, Any] | ResolvedBlend) -> tuple[Resol
     return resolve(spec)
 
 
-class MixedDataset(IterableDataset):
+class MixedDataset(BlendDataset):
     """The mixer's stream for ``(rank, world_size)`` as a torch ``IterableDataset``."""
 
     def __init__(
@@ -64,38 +65,11 @@ class MixedDataset(IterableDataset):
         self.loader_batch_size = loader_batch_size or probe.local_batch
         self._state = probe.initial_state()
 
-    # ---- contract --------------------------------------------------------------------------
-    @property
-    def source_names(self) -> list[str]:
-        return self.blend.names
-
-    @property
-    def source_versions(self) -> list[str]:
-        return [s.spec for s in self.blend.sources]
-
-    @property
-    def seq_len(self) -> int:
-        return self.blend.spec.seq_len
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.blend.spec.global_batch_size
-
-    def state_dict(self) -> dict[str, Any]:
-        """Where this dataset's iteration continues (< 1 KiB of integers)."""
-        return self._state.to_dict()
-
+    # ---- contract (properties and state_dict: mixer/contract.py) -----------------------------
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Accepts a state of this dataset (any world size when taken at a step boundary), or a
         whole ``StatefulDataLoader`` state, whose per-worker states are merged."""
-        found = find_states(state)
-        if len(found) > 1 and not state.get("mixer_state"):
-            state = merge_states(found)
-        elif found:
-            state = found[0]
-        s = MixState.from_dict(state)
-        stream = self._get_stream()
-        self._state = stream.check_state(s)
+        self._state = self._get_stream().check_state(self.incoming_state(state))
 
     # ---- iteration -------------------------------------------------------------------------
     def _get_stream(self) -> MixStream:

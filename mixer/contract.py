@@ -1,0 +1,52 @@
+"""What the in-process :class:`~mixer.dataset.MixedDataset` and the service client
+:class:`~mixer.client.ServiceMixedDataset` share: the dataset contract the trainer relies on
+(source names and versions, ``seq_len``, global batch size, the state API)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils.data import IterableDataset
+
+from mixer.spec import ResolvedBlend
+from mixer.stream import MixState, find_states, merge_states
+
+
+class BlendDataset(IterableDataset):
+    """Base of the mixer's torch datasets: ``blend`` is the resolved blend, ``_state`` the
+    :class:`MixState` iteration continues from."""
+
+    blend: ResolvedBlend
+    _state: MixState
+
+    @property
+    def source_names(self) -> list[str]:
+        return self.blend.names
+
+    @property
+    def source_versions(self) -> list[str]:
+        return [s.spec for s in self.blend.sources]
+
+    @property
+    def seq_len(self) -> int:
+        return self.blend.spec.seq_len
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.blend.spec.global_batch_size
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this dataset's iteration continues (< 1 KiB of integers; the same format for
+        the in-process dataset and the service client)."""
+        return self._state.to_dict()
+
+    @staticmethod
+    def incoming_state(state: dict[str, Any]) -> MixState:
+        """The :class:`MixState` in ``state``: a dataset state, or a whole ``StatefulDataLoader``
+        state whose per-worker states are merged (the earliest unconsumed position wins)."""
+        found = find_states(state)
+        if len(found) > 1 and not state.get("mixer_state"):
+            state = merge_states(found)
+        elif found:
+            state = found[0]
+        return MixState.from_dict(state)
