@@ -218,3 +218,44 @@ def decode_block(raw: bytes, block: BlockRecord, dtype: np.dtype, where: str, ve
     if len(tokens) != block.n_tokens or len(doc_ends) != block.n_docs:
         raise IntegrityError(f"{where}: block holds {len(tokens)} tokens/{len(doc_ends)} docs, manifest says {block.n_tokens}/{block.n_docs}")
     return TokenBlock(tokens=tokens, doc_ends=doc_ends)
+
+
+def decode_block_into(raw: bytes | bytearray | memoryview, block: BlockRecord, dtype: np.dtype, where: str,
+                      verify: bool = True, out: np.ndarray | None = None) -> TokenBlock:
+    """:func:`decode_block` without intermediate copies: ``raw`` may be a view of a reused
+    buffer (nothing returned refers to it), the checksum is computed over the two members in
+    place, and the tokens are decompressed straight into ``out`` (a 1-D array of ``dtype``
+    holding at least ``block.n_tokens``; the tokens returned are its first ``n_tokens``) or, if
+    ``out`` is None, into a new array. Same checks and errors as :func:`decode_block`."""
+    expected = block.byte_range[1] - block.byte_range[0]
+    if len(raw) != expected:
+        raise IntegrityError(f"{where}: expected {expected} bytes, got {len(raw)} (truncated shard?)")
+    mv = memoryview(raw)
+    tok = mv[: block.tokens_nbytes]
+    d0 = block.docs_offset - block.tokens_offset
+    docs = mv[d0 : d0 + block.docs_nbytes]
+    if verify:
+        h = xxhash.xxh3_128()
+        h.update(tok)
+        h.update(docs)
+        if h.hexdigest() != block.checksum:
+            raise IntegrityError(f"{where}: checksum mismatch (corrupted block)")
+    dt = np.dtype(dtype).newbyteorder("<")
+    if out is None:
+        out = np.empty(block.n_tokens, dtype=dt)
+    elif out.dtype != dt or out.ndim != 1 or len(out) < block.n_tokens or not out.flags.c_contiguous:
+        raise ValueError(f"decode buffer of {out.dtype} x {out.shape} cannot hold {block.n_tokens} {dt} tokens")
+    tokens = out[: block.n_tokens]
+    want = tokens.nbytes
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(tok, read_across_frames=False) as r:
+            got = r.readinto(memoryview(tokens).cast("B"))
+            extra = r.read(1) if got == want else b""
+        doc_ends = np.load(io.BytesIO(docs), allow_pickle=False)
+    except (zstandard.ZstdError, ValueError) as exc:
+        raise IntegrityError(f"{where}: cannot decode block: {exc}") from exc
+    n_tok = got // dt.itemsize + len(extra)
+    if got != want or extra or len(doc_ends) != block.n_docs:
+        raise IntegrityError(f"{where}: block holds {n_tok}{'+' if extra else ''} tokens/{len(doc_ends)} docs, "
+                             f"manifest says {block.n_tokens}/{block.n_docs}")
+    return TokenBlock(tokens=tokens, doc_ends=doc_ends)

@@ -23,6 +23,7 @@ from typing import TypeVar
 import numpy as np
 
 from corpus.reader import BlockRef, DatasetVersion
+from corpus.shards import decode_block_into
 from cpt.errors import CptError, IntegrityError
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,26 @@ class DiskCache:
             pass
         return data
 
+    def get_into(self, version: str, ref: BlockRef, buf: bytearray) -> memoryview | None:
+        """:meth:`get` read into ``buf`` (grown if too small): a view of the bytes read, valid
+        until ``buf`` is reused; None if the block is not cached."""
+        p = self.path(version, ref)
+        try:
+            f = open(p, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            return None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if len(buf) < size:
+                buf.extend(bytes(size - len(buf)))
+            mv = memoryview(buf)
+            n = f.readinto(mv[:size])
+        try:
+            os.utime(p)
+        except OSError:
+            pass
+        return mv[:n]
+
     def drop(self, version: str, ref: BlockRef) -> None:
         self.path(version, ref).unlink(missing_ok=True)
 
@@ -215,6 +236,7 @@ class BlockLoader:
         self._lock = threading.RLock()  # re-entered when a done-callback runs inline
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
+        self._raw_bufs: list[bytearray] = []  # reused read buffers for disk-cache hits, one per concurrent load
 
     # ---- public --------------------------------------------------------------------------
     def block_nbytes(self, src: int, block: int) -> int:
@@ -302,21 +324,31 @@ class BlockLoader:
         if self.disk is None:
             return self._fetch_decoded(ds, ref)[1]
         with self.disk.lock(ds.version, ref):
-            raw = self.disk.get(ds.version, ref)
-            if raw is not None:
-                try:
-                    blk = self._decode(ds, ref, raw)
-                    self.stats.add(blocks_disk_hits=1, bytes_disk_hits=len(raw))
-                    return blk
-                except IntegrityError:
-                    log.warning("dropping corrupt cached copy of %s", ds.describe(ref))
-                    self.disk.drop(ds.version, ref)
+            with self._lock:
+                buf = self._raw_bufs.pop() if self._raw_bufs else bytearray()
+            try:
+                raw = self.disk.get_into(ds.version, ref, buf)
+                if raw is not None:
+                    try:
+                        blk = self._decode(ds, ref, raw)
+                        self.stats.add(blocks_disk_hits=1, bytes_disk_hits=len(raw))
+                        return blk
+                    except IntegrityError:
+                        log.warning("dropping corrupt cached copy of %s", ds.describe(ref))
+                        self.disk.drop(ds.version, ref)
+                    finally:
+                        raw.release()
+            finally:
+                with self._lock:
+                    self._raw_bufs.append(buf)
             raw, blk = self._fetch_decoded(ds, ref)
             self.disk.put(ds.version, ref, raw)
             return blk
 
-    def _decode(self, ds: DatasetVersion, ref: BlockRef, raw: bytes) -> Block:
-        tb = ds.decode_block(ref, raw, verify=self.config.verify)
+    def _decode(self, ds: DatasetVersion, ref: BlockRef, raw: bytes | memoryview) -> Block:
+        """Decode without intermediate copies (``raw`` may be a reused buffer: nothing kept
+        refers to it)."""
+        tb = decode_block_into(raw, ds.block_record(ref), ds.dtype, ds.describe(ref), self.config.verify)
         return Block(tb.tokens, np.asarray(tb.doc_ends, dtype=np.int64), len(raw))
 
     def _fetch_decoded(self, ds: DatasetVersion, ref: BlockRef) -> tuple[bytes, Block]:
