@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import mmap
 import os
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import xxhash
 
 from corpus.reader import BlockRef, DatasetVersion
 from corpus.shards import decode_block_into
@@ -116,6 +119,55 @@ def is_transient(exc: BaseException) -> bool:
     return any(any(n in name for n in _TRANSIENT_NAMES) for name in names)
 
 
+_TOK_MAGIC = b"CPTTOK1\0"
+_TOK_HEAD = struct.Struct("<8sQQQ")  # magic, n_tokens, n_docs, token itemsize
+_TOK_DIGEST = 16  # xxh3-128 of everything before it
+
+
+@dataclass(frozen=True)
+class _TokFile:
+    parts: tuple[bytes | memoryview, ...]
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+
+def encode_tok(tokens: np.ndarray, doc_ends: np.ndarray) -> _TokFile:
+    """A decoded block as one local file: header, tokens (little-endian, padded to 8 bytes),
+    int64 document ends, and the xxh3-128 digest of all that (written once per block; readers
+    map it and never decompress it again)."""
+    tok = np.ascontiguousarray(tokens, dtype=tokens.dtype.newbyteorder("<"))
+    ends = np.ascontiguousarray(doc_ends, dtype="<i8")
+    head = _TOK_HEAD.pack(_TOK_MAGIC, len(tok), len(ends), tok.dtype.itemsize)
+    pad = b"\0" * (-tok.nbytes % 8)
+    parts = [head, memoryview(tok).cast("B"), pad, memoryview(ends).cast("B")]
+    h = xxhash.xxh3_128()
+    for part in parts:
+        h.update(part)
+    return _TokFile((*parts, h.digest()))
+
+
+def decode_tok(buf: mmap.mmap | bytes, dtype: np.dtype, verify: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(tokens, doc_ends)`` viewing ``buf`` (an :func:`encode_tok` file), or None if it is not
+    one, holds another dtype, or (``verify``) fails its digest."""
+    size = len(buf)
+    magic, n_tok, n_docs, itemsize = _TOK_HEAD.unpack_from(buf, 0)
+    dt = np.dtype(dtype).newbyteorder("<")
+    tok_bytes = n_tok * itemsize
+    ends_at = _TOK_HEAD.size + tok_bytes + (-tok_bytes % 8)
+    if magic != _TOK_MAGIC or itemsize != dt.itemsize or ends_at + 8 * n_docs + _TOK_DIGEST != size:
+        return None
+    if verify:
+        mv = memoryview(buf)
+        ok = xxhash.xxh3_128(mv[:size - _TOK_DIGEST]).digest() == bytes(mv[size - _TOK_DIGEST:])
+        mv.release()
+        if not ok:
+            return None
+    tokens = np.frombuffer(buf, dtype=dt, count=n_tok, offset=_TOK_HEAD.size)
+    doc_ends = np.frombuffer(buf, dtype="<i8", count=n_docs, offset=ends_at)
+    return tokens, doc_ends
+
+
 class DiskCache:
     """Raw (compressed) block bytes under ``dir``, bounded by ``max_bytes`` (LRU by mtime)."""
 
@@ -126,8 +178,17 @@ class DiskCache:
         self._approx = self._scan_total()
         self._lock = threading.Lock()
 
+    def _files(self) -> list[Path]:
+        return [*self.dir.glob("*/*.blk"), *self.dir.glob("*/*.tok")]
+
     def _scan_total(self) -> int:
-        return sum(p.stat().st_size for p in self.dir.glob("*/*.blk"))
+        total = 0
+        for p in self._files():
+            try:
+                total += p.stat().st_size
+            except FileNotFoundError:
+                continue
+        return total
 
     def path(self, version: str, ref: BlockRef) -> Path:
         return self.dir / version / f"{ref.shard:05d}-{ref.block:06d}.blk"
@@ -166,6 +227,61 @@ class DiskCache:
 
     def drop(self, version: str, ref: BlockRef) -> None:
         self.path(version, ref).unlink(missing_ok=True)
+        self.decoded_path(version, ref).unlink(missing_ok=True)
+
+    # ---- decoded copies (``.tok``): what a warm reader maps instead of decompressing -------
+    def decoded_path(self, version: str, ref: BlockRef) -> Path:
+        return self.path(version, ref).with_suffix(".tok")
+
+    def get_decoded(self, version: str, ref: BlockRef, dtype: np.dtype, verify: bool
+                    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(tokens, doc_ends)`` of the decoded copy, memory-mapped read-only (page-cache pages,
+        nothing decompressed or copied); None if there is none or it is damaged (then removed)."""
+        p = self.decoded_path(version, ref)
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if size < _TOK_HEAD.size + _TOK_DIGEST:
+                raise ValueError("too short")
+            m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except (OSError, ValueError):
+            os.close(fd)
+            self._drop_decoded(p)
+            return None
+        os.close(fd)
+        got = decode_tok(m, dtype, verify)
+        if got is None:
+            m.close()
+            log.warning("dropping damaged decoded copy %s", p)
+            self._drop_decoded(p)
+            return None
+        try:
+            os.utime(p)
+        except OSError:
+            pass
+        return got
+
+    def put_decoded(self, version: str, ref: BlockRef, tokens: np.ndarray, doc_ends: np.ndarray) -> None:
+        data = encode_tok(tokens, doc_ends)
+        if len(data) > self.max_bytes:
+            return
+        p = self.decoded_path(version, ref)
+        tmp = p.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
+        with open(tmp, "wb") as f:
+            for part in data.parts:
+                f.write(part)
+        os.replace(tmp, p)
+        with self._lock:
+            self._approx += len(data)
+            if self._approx > self.max_bytes:
+                self._evict()
+
+    @staticmethod
+    def _drop_decoded(p: Path) -> None:
+        p.unlink(missing_ok=True)
 
     def put(self, version: str, ref: BlockRef, data: bytes) -> None:
         if len(data) > self.max_bytes:
@@ -182,7 +298,7 @@ class DiskCache:
 
     def _evict(self) -> None:
         files = []
-        for f in self.dir.glob("*/*.blk"):
+        for f in self._files():
             try:
                 st = f.stat()
             except FileNotFoundError:
@@ -323,6 +439,9 @@ class BlockLoader:
         ref = self._refs[src][block]
         if self.disk is None:
             return self._fetch_decoded(ds, ref)[1]
+        blk = self._decoded_hit(ds, ref)  # no lock: decoded copies are replaced atomically, never changed
+        if blk is not None:
+            return blk
         with self.disk.lock(ds.version, ref):
             with self._lock:
                 buf = self._raw_bufs.pop() if self._raw_bufs else bytearray()
@@ -332,6 +451,7 @@ class BlockLoader:
                     try:
                         blk = self._decode(ds, ref, raw)
                         self.stats.add(blocks_disk_hits=1, bytes_disk_hits=len(raw))
+                        self._put_decoded(ds, ref, blk)
                         return blk
                     except IntegrityError:
                         log.warning("dropping corrupt cached copy of %s", ds.describe(ref))
@@ -343,7 +463,27 @@ class BlockLoader:
                     self._raw_bufs.append(buf)
             raw, blk = self._fetch_decoded(ds, ref)
             self.disk.put(ds.version, ref, raw)
+            self._put_decoded(ds, ref, blk)
             return blk
+
+    def _decoded_hit(self, ds: DatasetVersion, ref: BlockRef) -> Block | None:
+        got = self.disk.get_decoded(ds.version, ref, ds.dtype, self.config.verify)
+        if got is None:
+            return None
+        tokens, doc_ends = got
+        rec = ds.block_record(ref)
+        if len(tokens) != rec.n_tokens or len(doc_ends) != rec.n_docs:  # not this block's copy
+            self.disk.drop(ds.version, ref)
+            return None
+        stored = rec.byte_range[1] - rec.byte_range[0]
+        self.stats.add(blocks_disk_hits=1, bytes_disk_hits=stored)
+        return Block(tokens, doc_ends, stored)
+
+    def _put_decoded(self, ds: DatasetVersion, ref: BlockRef, blk: Block) -> None:
+        try:
+            self.disk.put_decoded(ds.version, ref, blk.tokens, blk.doc_ends)
+        except OSError as exc:  # a full or read-only disk costs speed, not correctness
+            log.warning("cannot write the decoded copy of %s: %s", ds.describe(ref), exc)
 
     def _decode(self, ds: DatasetVersion, ref: BlockRef, raw: bytes | memoryview) -> Block:
         """Decode without intermediate copies (``raw`` may be a reused buffer: nothing kept

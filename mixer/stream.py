@@ -10,6 +10,7 @@ order in which ``torch.utils.data.DataLoader(batch_size=lb)`` hands batches back
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -191,6 +192,24 @@ class _Planner:
         return _Chunk(pos.tolist(), gidx.tolist(), src_l, idx.tolist(), epoch.tolist(), pieces, keys)
 
 
+_SPARES = 3  # batch buffers a stream keeps for reuse
+
+
+def _batch_buffer(spares: list[np.ndarray], shape: tuple[int, int, int]) -> np.ndarray:
+    """An int64 array of ``shape`` for the next batch's tokens and positions: one handed out
+    before that nobody refers to any more (the consumer dropped that batch: its reference count
+    is down to this list's), else a new one. Reusing it saves the kernel mapping and zeroing
+    fresh pages for every batch; a batch still held anywhere is never written again."""
+    for x in spares:
+        if x.shape == shape and sys.getrefcount(x) == 3:  # `spares`, `x`, the argument
+            return x
+    x = np.empty(shape, dtype=np.int64)
+    spares.append(x)
+    if len(spares) > _SPARES:
+        del spares[0]
+    return x
+
+
 class MixStream:
     """Samples of one rank (optionally one loader worker of it), from a state."""
 
@@ -281,10 +300,10 @@ class MixStream:
         wstate = worker if worker[1] > 1 else None
         b, fp, ws = self.local_batch, self.fingerprint, self.world_size
         length = self.seq_len + 1
+        spares: list[np.ndarray] = []  # batch buffers already handed out, reused once dropped
         for ch, after, planner in self._chunks(state, worker):
             n = len(ch.pos)
-            tokens = np.empty((n, length), dtype=np.int64)
-            positions = np.empty((n, length), dtype=np.int64)
+            tokens, positions = _batch_buffer(spares, (2, n, length))
             shard = np.empty(n, dtype=np.int64)
             block = np.empty(n, dtype=np.int64)
             offset = np.empty(n, dtype=np.int64)
