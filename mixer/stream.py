@@ -279,114 +279,122 @@ class MixStream:
         return state, (wid, nw, lb or self.local_batch)
 
     def samples(self, state: MixState, worker: tuple[int, int, int] = (0, 1, 0)) -> Iterator[tuple[dict, MixState]]:
-        """Yield ``(sample, state after it)`` forever, starting at ``state``."""
+        """Yield ``(sample, state after it)`` forever, starting at ``state``. A sample's
+        ``tokens``/``positions`` are rows of one array holding its loader batch (filled at once,
+        as in :meth:`batches`); that array is reused only once no sample of it is referenced."""
         state, worker = self._worker(state, worker)
         wstate = worker if worker[1] > 1 else None
         b, fp, ws = self.local_batch, self.fingerprint, self.world_size
+        length = self.seq_len + 1
+        spares: list[np.ndarray] = []  # chunk buffers already handed out, reused once dropped
+        stats = self.stats
         for ch, after, planner in self._chunks(state, worker):
             points = planner.points
             n = len(ch.pos)
+            tokens, positions = _batch_buffer(spares, (2, n, length))
+            shard, block, offset, consumed = self._fill_chunk(ch, tokens, positions)
+            shard, block, offset = shard.tolist(), block.tolist(), offset.tolist()
             for i in range(n):
-                sample = self._sample(ch, i)
+                src = ch.src[i]
+                stats.samples += 1
+                stats.samples_per_source[src] += 1
+                stats.bytes_consumed += consumed[i]
+                sample = {"tokens": tokens[i], "positions": positions[i], "source": src, "sample": ch.gidx[i],
+                          "index": ch.idx[i], "epoch": ch.epoch[i], "shard": shard[i], "block": block[i],
+                          "offset": offset[i]}
                 nxt = ch.pos[i + 1] if i + 1 < n else after
                 yield sample, MixState(fp, ws, points[nxt // b], nxt, wstate)
+                del sample
+            del tokens, positions
 
     def batches(self, state: MixState, worker: tuple[int, int, int] = (0, 1, 0)) -> Iterator[tuple[dict[str, np.ndarray], MixState]]:
         """The fast path: yield ``(batch, state after it)`` forever, a batch being the worker's
         next ``lb`` samples (``lb`` = loader batch, default the local batch) collated: the same
         keys as a sample, each an array with a leading batch dimension (``tokens`` and
-        ``positions`` int64 ``[lb, seq_len + 1]``). Same samples and states as :meth:`samples`."""
+        ``positions`` int64 ``[lb, seq_len + 1]``). Same samples and states as :meth:`samples`.
+        The tokens/positions buffer of a batch is reused only once nothing refers to it."""
         state, worker = self._worker(state, worker)
         wstate = worker if worker[1] > 1 else None
         b, fp, ws = self.local_batch, self.fingerprint, self.world_size
         length = self.seq_len + 1
         spares: list[np.ndarray] = []  # batch buffers already handed out, reused once dropped
+        stats = self.stats
         for ch, after, planner in self._chunks(state, worker):
             n = len(ch.pos)
             tokens, positions = _batch_buffer(spares, (2, n, length))
-            shard = np.empty(n, dtype=np.int64)
-            block = np.empty(n, dtype=np.int64)
-            offset = np.empty(n, dtype=np.int64)
-            base = np.zeros(n, dtype=np.int64)  # position of each window's first token
-            restarts: list[tuple[int, list[int]]] = []  # (row, offsets where a document starts)
-            spanning: list[int] = []
-            groups: dict[tuple[int, int], list[int]] = {}  # rows inside one block, per block
-            for i in range(n):
-                src, pieces = ch.src[i], ch.pieces[i]
-                self.stats.samples_per_source[src] += 1
-                if len(pieces) > 1:
-                    spanning.append(i)
-                else:
-                    groups.setdefault((src, pieces[0][0]), []).append(i)
-            consumed = 0.0
-            for (src, bi), rows in groups.items():
-                blk = self.loader.get(src, bi)
-                starts = [ch.pieces[i][0][1] for i in rows]
-                for i, st in zip(rows, starts, strict=True):
-                    tokens[i] = blk.tokens[st:st + length]
-                d = blk.doc_ends
-                sa = np.asarray(starts, dtype=np.int64)
-                lo = d.searchsorted(sa, "right")
-                hi = d.searchsorted(sa + (length - 1), "right")
-                base[rows] = sa - np.where(lo > 0, d[lo - 1], 0)
-                for j in np.flatnonzero(hi > lo).tolist():
-                    restarts.append((rows[j], (d[lo[j]:hi[j]] - starts[j]).tolist()))
-                ref = self.refs[src][bi]
-                shard[rows], block[rows], offset[rows] = ref.shard, ref.block, sa
-                consumed += len(rows) * length / len(blk.tokens) * blk.nbytes_stored
-            np.add(self._ramp, base[:, None], out=positions)
-            ramp = self._ramp
-            for i, offsets in restarts:  # each document starting inside a window restarts at 0
-                row = positions[i]
-                for o, o_next in zip(offsets, [*offsets[1:], length], strict=True):
-                    row[o:o_next] = ramp[:o_next - o]
-            for i in spanning:
-                ref = self._fill(ch.src[i], ch.pieces[i], tokens[i], positions[i])
-                shard[i], block[i], offset[i] = ref.shard, ref.block, ch.pieces[i][0][1]
-            self.stats.bytes_consumed += consumed
-            self.stats.samples += n
+            shard, block, offset, consumed = self._fill_chunk(ch, tokens, positions)
+            for src in ch.src:
+                stats.samples_per_source[src] += 1
+            stats.bytes_consumed += sum(consumed)
+            stats.samples += n
             batch = {"tokens": tokens, "positions": positions, "source": np.asarray(ch.src, dtype=np.int64),
                      "sample": np.asarray(ch.gidx, dtype=np.int64), "index": np.asarray(ch.idx, dtype=np.int64),
                      "epoch": np.asarray(ch.epoch, dtype=np.int64), "shard": shard, "block": block, "offset": offset}
+            del tokens, positions
             yield batch, MixState(fp, ws, planner.points[after // b], after, wstate)
+            del batch
 
-    def _fill(self, src: int, pieces: Pieces, tokens: np.ndarray, positions: np.ndarray) -> BlockRef:
-        """Copy one window into ``tokens``/``positions``; the ref of its first block."""
+    def _fill_chunk(self, ch: _Chunk, tokens: np.ndarray, positions: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[float]]:
+        """Write the chunk's windows into ``tokens``/``positions`` (``[n, seq_len + 1]``), one
+        block lookup and one vectorized document search per block; ``(shard, block, offset)`` of
+        each window's first token and the stored bytes each window accounts for."""
+        n = len(ch.pos)
+        length = self.seq_len + 1
+        shard = np.empty(n, dtype=np.int64)
+        block = np.empty(n, dtype=np.int64)
+        offset = np.empty(n, dtype=np.int64)
+        base = np.zeros(n, dtype=np.int64)  # position of each window's first token
+        consumed = [0.0] * n
+        restarts: list[tuple[int, list[int]]] = []  # (row, offsets where a document starts)
+        spanning: list[int] = []
+        groups: dict[tuple[int, int], list[int]] = {}  # rows inside one block, per block
+        for i, (src, pieces) in enumerate(zip(ch.src, ch.pieces, strict=True)):
+            if len(pieces) > 1:
+                spanning.append(i)
+            else:
+                groups.setdefault((src, pieces[0][0]), []).append(i)
+        for (src, bi), rows in groups.items():
+            blk = self.loader.get(src, bi)
+            starts = [ch.pieces[i][0][1] for i in rows]
+            btok = blk.tokens
+            for i, st in zip(rows, starts, strict=True):
+                tokens[i] = btok[st:st + length]
+            d = blk.doc_ends
+            sa = np.asarray(starts, dtype=np.int64)
+            lo = d.searchsorted(sa, "right")
+            hi = d.searchsorted(sa + (length - 1), "right")
+            base[rows] = sa - np.where(lo > 0, d[lo - 1], 0)
+            for j in np.flatnonzero(hi > lo).tolist():
+                restarts.append((rows[j], (d[lo[j]:hi[j]] - starts[j]).tolist()))
+            ref = self.refs[src][bi]
+            shard[rows], block[rows], offset[rows] = ref.shard, ref.block, sa
+            c = length / len(btok) * blk.nbytes_stored
+            for i in rows:
+                consumed[i] = c
+        np.add(self._ramp, base[:, None], out=positions)
+        ramp = self._ramp
+        for i, offsets in restarts:  # each document starting inside a window restarts at 0
+            row = positions[i]
+            for o, o_next in zip(offsets, [*offsets[1:], length], strict=True):
+                row[o:o_next] = ramp[:o_next - o]
+        for i in spanning:
+            ref, consumed[i] = self._fill(ch.src[i], ch.pieces[i], tokens[i], positions[i])
+            shard[i], block[i], offset[i] = ref.shard, ref.block, ch.pieces[i][0][1]
+        return shard, block, offset, consumed
+
+    def _fill(self, src: int, pieces: Pieces, tokens: np.ndarray, positions: np.ndarray) -> tuple[BlockRef, float]:
+        """Copy one window into ``tokens``/``positions``; the ref of its first block and the
+        stored bytes it accounts for."""
         at = 0
+        consumed = 0.0
         for block, start, stop in pieces:
             blk = self.loader.get(src, block)
             tokens[at:at + stop - start] = blk.tokens[start:stop]
             blk.window_positions(start, stop, positions[at:at + stop - start], self._ramp)
             at += stop - start
-            self.stats.bytes_consumed += (stop - start) / len(blk.tokens) * blk.nbytes_stored
-        return self.refs[src][pieces[0][0]]
-
-    def _sample(self, ch: _Chunk, i: int) -> dict[str, Any]:
-        src, pieces = ch.src[i], ch.pieces[i]
-        if len(pieces) == 1:  # the usual case: a view of one block, converted once
-            block, start, stop = pieces[0]
-            blk = self.loader.get(src, block)
-            tokens = blk.tokens[start:stop].astype(np.int64)
-            positions = blk.window_positions(start, stop, None, self._ramp)
-            self.stats.bytes_consumed += (stop - start) / len(blk.tokens) * blk.nbytes_stored
-            ref = self.refs[src][block]
-        else:
-            tokens = np.empty(self.seq_len + 1, dtype=np.int64)
-            positions = np.empty(self.seq_len + 1, dtype=np.int64)
-            ref = self._fill(src, pieces, tokens, positions)
-        self.stats.samples += 1
-        self.stats.samples_per_source[src] += 1
-        return {
-            "tokens": tokens,
-            "positions": positions,
-            "source": src,
-            "sample": ch.gidx[i],
-            "index": ch.idx[i],
-            "epoch": ch.epoch[i],
-            "shard": ref.shard,
-            "block": ref.block,
-            "offset": pieces[0][1],
-        }
+            consumed += (stop - start) / len(blk.tokens) * blk.nbytes_stored
+        return self.refs[src][pieces[0][0]], consumed
 
     # ---- held-out split ------------------------------------------------------------------
     def validation_samples(self, src: int, count: int) -> list[dict[str, Any]]:
