@@ -127,6 +127,10 @@ class _Chunk:
     epoch: list[int]
     pieces: list[Pieces]
     keys: list[tuple[int, int]]  # (source, block) needed, in first-use order (read-ahead)
+    src_a: np.ndarray  # the same as arrays: source, first block, start in it, and
+    block_a: np.ndarray
+    start_a: np.ndarray
+    single_a: np.ndarray  # whether the window lies inside that block (else: see ``pieces``)
 
 
 class _Planner:
@@ -174,13 +178,16 @@ class _Planner:
             idx[m] = plan.indices[k]
             gidx[m] = step * g + k
         epoch = np.empty(lb, dtype=np.int64)
+        block_a = np.empty(lb, dtype=np.int64)
+        start_a = np.empty(lb, dtype=np.int64)
+        single_a = np.empty(lb, dtype=bool)
         pieces: list[Pieces] = [()] * lb
         length = s.seq_len + 1
         for k_src in np.unique(src).tolist():
             sel = np.flatnonzero(src == k_src)
             pk = s.packings[k_src]
             e, _, blk, start, single = pk.locate_many(idx[sel])
-            epoch[sel] = e
+            epoch[sel], block_a[sel], start_a[sel], single_a[sel] = e, blk, start, single
             for i, bl, st, one, j in zip(sel.tolist(), blk.tolist(), start.tolist(), single.tolist(),
                                          idx[sel].tolist(), strict=True):
                 if one:
@@ -189,10 +196,12 @@ class _Planner:
                     pieces[i] = tuple((p.block, p.start, p.stop) for p in pk.locate(j).pieces)
         src_l = src.tolist()
         keys = list(dict.fromkeys((sk, p[0]) for sk, ps in zip(src_l, pieces, strict=True) for p in ps))
-        return _Chunk(pos.tolist(), gidx.tolist(), src_l, idx.tolist(), epoch.tolist(), pieces, keys)
+        return _Chunk(pos.tolist(), gidx.tolist(), src_l, idx.tolist(), epoch.tolist(), pieces, keys,
+                      src, block_a, start_a, single_a)
 
 
 _SPARES = 3  # batch buffers a stream keeps for reuse
+_KEY = 1 << 40  # (source, block) -> source * _KEY + block; also the shift between blocks' document ends
 
 
 def _batch_buffer(spares: list[np.ndarray], shape: tuple[int, int, int]) -> np.ndarray:
@@ -336,52 +345,61 @@ class MixStream:
 
     def _fill_chunk(self, ch: _Chunk, tokens: np.ndarray, positions: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[float]]:
-        """Write the chunk's windows into ``tokens``/``positions`` (``[n, seq_len + 1]``), one
-        block lookup and one vectorized document search per block; ``(shard, block, offset)`` of
+        """Write the chunk's windows into ``tokens``/``positions`` (``[n, seq_len + 1]``): one
+        lookup per block, one document search for the whole chunk; ``(shard, block, offset)`` of
         each window's first token and the stored bytes each window accounts for."""
         n = len(ch.pos)
         length = self.seq_len + 1
+        offset = ch.start_a.copy()
         shard = np.empty(n, dtype=np.int64)
         block = np.empty(n, dtype=np.int64)
-        offset = np.empty(n, dtype=np.int64)
-        base = np.zeros(n, dtype=np.int64)  # position of each window's first token
-        consumed = [0.0] * n
-        restarts: list[tuple[int, list[int]]] = []  # (row, offsets where a document starts)
-        spanning: list[int] = []
-        groups: dict[tuple[int, int], list[int]] = {}  # rows inside one block, per block
-        for i, (src, pieces) in enumerate(zip(ch.src, ch.pieces, strict=True)):
-            if len(pieces) > 1:
-                spanning.append(i)
-            else:
-                groups.setdefault((src, pieces[0][0]), []).append(i)
-        for (src, bi), rows in groups.items():
-            blk = self.loader.get(src, bi)
-            starts = [ch.pieces[i][0][1] for i in rows]
-            btok = blk.tokens
-            for i, st in zip(rows, starts, strict=True):
-                tokens[i] = btok[st:st + length]
-            d = blk.doc_ends
-            sa = np.asarray(starts, dtype=np.int64)
-            lo = d.searchsorted(sa, "right")
-            hi = d.searchsorted(sa + (length - 1), "right")
-            base[rows] = sa - np.where(lo > 0, d[lo - 1], 0)
-            for j in np.flatnonzero(hi > lo).tolist():
-                restarts.append((rows[j], (d[lo[j]:hi[j]] - starts[j]).tolist()))
-            ref = self.refs[src][bi]
-            shard[rows], block[rows], offset[rows] = ref.shard, ref.block, sa
-            c = length / len(btok) * blk.nbytes_stored
-            for i in rows:
-                consumed[i] = c
-        np.add(self._ramp, base[:, None], out=positions)
-        ramp = self._ramp
-        for i, offsets in restarts:  # each document starting inside a window restarts at 0
-            row = positions[i]
-            for o, o_next in zip(offsets, [*offsets[1:], length], strict=True):
-                row[o:o_next] = ramp[:o_next - o]
-        for i in spanning:
-            ref, consumed[i] = self._fill(ch.src[i], ch.pieces[i], tokens[i], positions[i])
-            shard[i], block[i], offset[i] = ref.shard, ref.block, ch.pieces[i][0][1]
-        return shard, block, offset, consumed
+        consumed = np.empty(n, dtype=np.float64)
+        base = np.zeros(n, dtype=np.int64)  # position of each window's first token (spanning: filled below)
+        rows = np.flatnonzero(ch.single_a)
+        if len(rows):
+            keys = ch.src_a[rows] * _KEY + ch.block_a[rows]
+            uniq, inv = np.unique(keys, return_inverse=True)
+            blks, refs = [], []
+            for k in uniq.tolist():
+                src, bi = divmod(k, _KEY)
+                blks.append(self.loader.get(src, bi))
+                refs.append(self.refs[src][bi])
+            sa = ch.start_a[rows]
+            btoks = [b.tokens for b in blks]
+            for i, g, st in zip(rows.tolist(), inv.tolist(), sa.tolist(), strict=True):
+                tokens[i] = btoks[g][st:st + length]
+            # every block's document ends in one sorted array: block g's shifted by g * _KEY
+            ends = np.concatenate([b.doc_ends + g * _KEY for g, b in enumerate(blks)])
+            first = np.cumsum([0] + [len(b.doc_ends) for b in blks])[:-1]  # where each block's ends start
+            q = sa + inv * _KEY
+            lo = ends.searchsorted(q, "right")
+            hi = ends.searchsorted(q + (length - 1), "right")
+            prev = np.where(lo > first[inv], ends[lo - 1] - inv * _KEY, 0)  # start of the first document
+            base[rows] = sa - prev
+            np.add(self._ramp, base[:, None], out=positions)
+            # each document starting inside a window restarts at 0
+            cnt = hi - lo
+            has = np.flatnonzero(cnt)
+            if len(has):
+                c = cnt[has]
+                idx = np.repeat(lo[has] - np.cumsum(np.concatenate([[0], c[:-1]])), c) + np.arange(int(c.sum()))
+                offs = (ends[idx] - np.repeat(q[has], c)).tolist()
+                ramp = self._ramp
+                at = 0
+                for i, k in zip(rows[has].tolist(), c.tolist(), strict=True):
+                    row = positions[i]
+                    seg = offs[at:at + k]
+                    at += k
+                    for o, o_next in zip(seg, [*seg[1:], length], strict=True):
+                        row[o:o_next] = ramp[:o_next - o]
+            shard[rows] = np.asarray([r.shard for r in refs], dtype=np.int64)[inv]
+            block[rows] = np.asarray([r.block for r in refs], dtype=np.int64)[inv]
+            consumed[rows] = np.asarray([length / len(b.tokens) * b.nbytes_stored for b in blks])[inv]
+        out = consumed.tolist()
+        for i in np.flatnonzero(~ch.single_a).tolist():
+            ref, out[i] = self._fill(ch.src[i], ch.pieces[i], tokens[i], positions[i])
+            shard[i], block[i] = ref.shard, ref.block
+        return shard, block, offset, out
 
     def _fill(self, src: int, pieces: Pieces, tokens: np.ndarray, positions: np.ndarray) -> tuple[BlockRef, float]:
         """Copy one window into ``tokens``/``positions``; the ref of its first block and the
