@@ -125,7 +125,7 @@ class _Chunk:
     src: list[int]
     idx: list[int]
     epoch: list[int]
-    pieces: list[Pieces]
+    pieces: dict[int, Pieces]  # (block, start, stop) ranges of the windows spanning blocks, by row
     keys: list[tuple[int, int]]  # (source, block) needed, in first-use order (read-ahead)
     src_a: np.ndarray  # the same as arrays: source, first block, start in it, and
     block_a: np.ndarray
@@ -181,21 +181,21 @@ class _Planner:
         block_a = np.empty(lb, dtype=np.int64)
         start_a = np.empty(lb, dtype=np.int64)
         single_a = np.empty(lb, dtype=bool)
-        pieces: list[Pieces] = [()] * lb
-        length = s.seq_len + 1
+        pieces: dict[int, Pieces] = {}  # windows spanning blocks only
         for k_src in np.unique(src).tolist():
             sel = np.flatnonzero(src == k_src)
             pk = s.packings[k_src]
             e, _, blk, start, single = pk.locate_many(idx[sel])
             epoch[sel], block_a[sel], start_a[sel], single_a[sel] = e, blk, start, single
-            for i, bl, st, one, j in zip(sel.tolist(), blk.tolist(), start.tolist(), single.tolist(),
-                                         idx[sel].tolist(), strict=True):
-                if one:
-                    pieces[i] = ((bl, st, st + length),)
-                else:
-                    pieces[i] = tuple((p.block, p.start, p.stop) for p in pk.locate(j).pieces)
+            for i in sel[~single].tolist():
+                pieces[i] = tuple((p.block, p.start, p.stop) for p in pk.locate(int(idx[i])).pieces)
         src_l = src.tolist()
-        keys = list(dict.fromkeys((sk, p[0]) for sk, ps in zip(src_l, pieces, strict=True) for p in ps))
+        if pieces:
+            pairs = [((sk, bl),) if i not in pieces else tuple((sk, p[0]) for p in pieces[i])
+                     for i, (sk, bl) in enumerate(zip(src_l, block_a.tolist(), strict=True))]
+            keys = list(dict.fromkeys(k for ks in pairs for k in ks))
+        else:
+            keys = list(dict.fromkeys(zip(src_l, block_a.tolist(), strict=True)))
         return _Chunk(pos.tolist(), gidx.tolist(), src_l, idx.tolist(), epoch.tolist(), pieces, keys,
                       src, block_a, start_a, single_a)
 
