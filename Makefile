@@ -47,9 +47,9 @@ $(BENCH_STAMP):
 	.venv-bench/bin/python -m pip install -q mosaicml-streaming litdata "numpy<2.2" zstandard xxhash fsspec
 	touch $(BENCH_STAMP)
 
-bench-mixer: $(STAMP) $(BENCH_STAMP) ## mixer tokens/s (warm cache, local S3), resume, RSS, I/O vs MosaicML Streaming, LitData
+bench-mixer: $(STAMP) $(BENCH_STAMP) ## mixer tokens/s (warm cache, local S3), resume, RSS, I/O vs MosaicML Streaming, LitData; service vs in-process
 	$(PY) -m mixer.bench --peers
-	if [ -f mixer/service_bench.py ]; then $(PY) -m mixer.service_bench; fi
+	$(PY) -m mixer.service_bench
 
 bench-train: $(STAMP) ## tokens/s of our trainer vs torchtitan's qwen3 MoE debug model
 	$(PY) -m trainer.bench
