@@ -103,9 +103,32 @@ class StepPlan:
     end: MixPoint
 
 
-def plan_step(point: MixPoint, schedule: WeightSchedule, global_batch: int) -> StepPlan:
-    """Assign the ``global_batch`` samples of ``point.step``; pure function of its inputs."""
+def plan_step(point: MixPoint, schedule: WeightSchedule, global_batch: int,
+              memo: dict[tuple, tuple[np.ndarray, np.ndarray, tuple[int, ...], tuple[int, ...]]] | None = None
+              ) -> StepPlan:
+    """Assign the ``global_batch`` samples of ``point.step``; pure function of its inputs.
+
+    ``memo``: a dict kept by the caller across steps. The choices depend only on the weights and
+    the deficits (not on the counts), so a step whose ``(weights, deficits)`` were seen before
+    reuses them: sources, each sample's rank among its source's samples of the step, samples
+    per source and the deficits after. Same plan as without it."""
     weights = schedule.weights_at(point.step)
+    if memo is not None:
+        key = (tuple(weights), point.deficit, global_batch)
+        hit = memo.get(key)
+        if hit is None:
+            plan = plan_step(point, schedule, global_batch)
+            src = plan.sources
+            rank = plan.indices - np.asarray(point.counts, dtype=np.int64)[src]
+            served = tuple(e - c for e, c in zip(plan.end.counts, point.counts, strict=True))
+            if len(memo) >= 256:
+                memo.clear()
+            memo[key] = (src, rank, served, plan.end.deficit)
+            return plan
+        src, rank, served, deficit = hit
+        counts = np.asarray(point.counts, dtype=np.int64)
+        end = MixPoint(point.step + 1, tuple(c + n for c, n in zip(point.counts, served, strict=True)), deficit)
+        return StepPlan(point.step, src, counts[src] + rank, end)
     k_n = len(weights)
     d = list(point.deficit)
     c = list(point.counts)

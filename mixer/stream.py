@@ -145,6 +145,7 @@ class _Planner:
         self.point = state.point
         self.plan: StepPlan | None = None
         self.points: dict[int, MixPoint] = {self.point.step: self.point}
+        self._memo: dict = {}  # plan_step's: steps with the same weights and deficits choose alike
 
     def forget_before(self, step: int) -> None:
         for k in [k for k in self.points if k < step]:
@@ -155,7 +156,7 @@ class _Planner:
         while self.plan is None or self.plan.step != step:
             if self.point.step > step:
                 raise ConfigError(f"mixer state at step {self.point.step} is past the requested step {step}")
-            self.plan = plan_step(self.point, s.schedule, s.global_batch)
+            self.plan = plan_step(self.point, s.schedule, s.global_batch, self._memo)
             self.point = self.plan.end
             self.points[self.point.step] = self.point
         return self.plan
