@@ -240,6 +240,7 @@ class MixStream:
         self.local_batch = g // world_size
         self.seq_len = blend.spec.seq_len
         self._ramp = np.arange(self.seq_len + 1, dtype=np.int64)  # shared by window_positions
+        self._ramp_long = self._ramp  # 0, 1, ...: grown to the longest first position + seq_len + 1 seen
         self.schedule: WeightSchedule = blend.spec.weight_schedule()
         self.block_tokens = [ds.block_tokens() for ds in datasets]
         self.packings = [
@@ -355,7 +356,6 @@ class MixStream:
         shard = np.empty(n, dtype=np.int64)
         block = np.empty(n, dtype=np.int64)
         consumed = np.empty(n, dtype=np.float64)
-        base = np.zeros(n, dtype=np.int64)  # position of each window's first token (spanning: filled below)
         rows = np.flatnonzero(ch.single_a)
         if len(rows):
             keys = ch.src_a[rows] * _KEY + ch.block_a[rows]
@@ -376,26 +376,36 @@ class MixStream:
             lo = ends.searchsorted(q, "right")
             hi = ends.searchsorted(q + (length - 1), "right")
             prev = np.where(lo > first[inv], ends[lo - 1] - inv * _KEY, 0)  # start of the first document
-            base[rows] = sa - prev
-            np.add(self._ramp, base[:, None], out=positions)
-            # each document starting inside a window restarts at 0
-            cnt = hi - lo
+            # positions, written once: from the window's first position up to the first document
+            # start inside it, then 0, 1, ... per document; each segment a slice of one long ramp,
+            # copied between flat int64 memoryviews (a plain copy, far cheaper than a numpy
+            # call per segment; there are about as many segments as windows)
+            bases = (sa - prev).tolist()
+            need = max(bases) + length
+            if len(self._ramp_long) < need:
+                self._ramp_long = np.arange(max(need, 2 * len(self._ramp_long)), dtype=np.int64)
+            pm = memoryview(positions).cast("B").cast("q")
+            rm = memoryview(self._ramp_long).cast("B").cast("q")
+            cnt = hi - lo  # documents starting inside each window
             has = np.flatnonzero(cnt)
+            offs: list[int] = []
             if len(has):
                 c = cnt[has]
                 idx = np.repeat(lo[has] - np.cumsum(np.concatenate([[0], c[:-1]])), c) + np.arange(int(c.sum()))
-                offs = (ends[idx] - np.repeat(q[has], c)).tolist()
-                # flat int64 memoryviews: a slice assignment is a plain copy, far cheaper per
-                # segment than numpy's (there are about as many segments as windows)
-                pm = memoryview(positions).cast("B").cast("q")
-                rm = memoryview(self._ramp).cast("B").cast("q")
-                at = 0
-                for i, k in zip(rows[has].tolist(), c.tolist(), strict=True):
-                    seg = offs[at:at + k]
-                    at += k
-                    r0 = i * length
-                    for o, o_next in zip(seg, [*seg[1:], length], strict=True):
-                        pm[r0 + o:r0 + o_next] = rm[:o_next - o]
+                offs = (ends[idx] - np.repeat(q[has], c)).tolist()  # each in [1, length - 1]
+            at = 0
+            for i, bse, k in zip(rows.tolist(), bases, cnt.tolist(), strict=True):
+                r0 = i * length
+                if not k:
+                    pm[r0:r0 + length] = rm[bse:bse + length]
+                    continue
+                o = offs[at]
+                pm[r0:r0 + o] = rm[bse:bse + o]
+                for o_next in offs[at + 1:at + k]:
+                    pm[r0 + o:r0 + o_next] = rm[:o_next - o]
+                    o = o_next
+                pm[r0 + o:r0 + length] = rm[:length - o]
+                at += k
             shard[rows] = np.asarray([r.shard for r in refs], dtype=np.int64)[inv]
             block[rows] = np.asarray([r.block for r in refs], dtype=np.int64)[inv]
             consumed[rows] = np.asarray([length / len(b.tokens) * b.nbytes_stored for b in blks])[inv]
