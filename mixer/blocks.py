@@ -366,7 +366,8 @@ class BlockLoader:
             blk = self._mem.get(key)
             if blk is not None:
                 self._mem.move_to_end(key)
-                self.stats.add(blocks_memory_hits=1)
+                with self.stats.lock:  # the hot path: no keyword-argument round trip
+                    self.stats.blocks_memory_hits += 1
                 return blk
             fut = self._inflight.get(key)
         if fut is not None:
