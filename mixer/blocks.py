@@ -481,6 +481,8 @@ class BlockLoader:
         return Block(tokens, doc_ends, stored)
 
     def _put_decoded(self, ds: DatasetVersion, ref: BlockRef, blk: Block) -> None:
+        if not self.config.verify:  # only checked blocks get a decoded copy (later readers trust its digest)
+            return
         try:
             self.disk.put_decoded(ds.version, ref, blk.tokens, blk.doc_ends)
         except OSError as exc:  # a full or read-only disk costs speed, not correctness

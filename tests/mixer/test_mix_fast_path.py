@@ -139,3 +139,10 @@ def test_memoized_step_plans_equal_plain_ones() -> None:
         assert p.end == f.end
         plain, fast = p.end, f.end
     assert 0 < len(memo) < 160  # some steps were planned from the memo
+
+
+def test_unchecked_reads_write_no_decoded_copies(store: str, tmp_path: Path) -> None:
+    cache = CacheConfig(disk_dir=str(tmp_path / "cache"), verify=False)
+    got = _samples(spec(store, W), cache, 50)
+    assert len(got) == 50 and list((tmp_path / "cache").glob("*/*.blk"))
+    assert not list((tmp_path / "cache").glob("*/*.tok"))  # a later checked reader must not trust them
