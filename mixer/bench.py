@@ -44,9 +44,12 @@ def _tokenizer():
 
 
 def build_store(store: str, tokens: int, seed: int = 0) -> dict[str, int]:
+    """Publish the synthetic 2-source store (80% ``new``, 20% ``replay``); reports its build time
+    on stderr."""
     from corpus.publish import publish_documents
     from corpus.shard_set import PackingConfig
 
+    t0 = time.perf_counter()
     info, tj = _tokenizer()
     rng = np.random.default_rng(seed)
     sizes = {"new": int(tokens * 0.8), "replay": tokens - int(tokens * 0.8)}
@@ -55,6 +58,8 @@ def build_store(store: str, tokens: int, seed: int = 0) -> dict[str, int]:
         docs = [(f"{name}{j}", rng.integers(2, 50000, size=int(m), dtype=np.uint16)) for j, m in enumerate(lens)]
         publish_documents(store, name, docs, info, tj, PackingConfig(block_tokens=1 << 20, shard_bytes=64 << 20))
         del docs
+    print(f"built synthetic store ({tokens / 1e6:.0f}M tokens) in {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr)
     return sizes
 
 
@@ -200,10 +205,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="mixbench-") as tmp:
         work = Path(tmp)
         store = str(work / "store")
-        t0 = time.perf_counter()
         build_store(store, args.tokens)
-        print(f"built synthetic store ({args.tokens / 1e6:.0f}M tokens) in {time.perf_counter() - t0:.1f}s",
-              file=sys.stderr)
         spec = blend_spec(store, args.seq_len, BATCH)
         cache = CacheConfig(disk_dir=str(work / "cache"), prefetch_samples=BATCH)
         windows = work / "windows.npy"

@@ -16,7 +16,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,16 +268,7 @@ class DiskCache:
         data = encode_tok(tokens, doc_ends)
         if len(data) > self.max_bytes:
             return
-        p = self.decoded_path(version, ref)
-        tmp = p.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
-        with open(tmp, "wb") as f:
-            for part in data.parts:
-                f.write(part)
-        os.replace(tmp, p)
-        with self._lock:
-            self._approx += len(data)
-            if self._approx > self.max_bytes:
-                self._evict()
+        self._write(self.decoded_path(version, ref), data.parts, len(data))
 
     @staticmethod
     def _drop_decoded(p: Path) -> None:
@@ -288,11 +279,18 @@ class DiskCache:
             return
         p = self.path(version, ref)
         p.parent.mkdir(parents=True, exist_ok=True)
+        self._write(p, (data,), len(data))
+
+    def _write(self, p: Path, parts: Iterable[bytes | memoryview], nbytes: int) -> None:
+        """Write ``parts`` to ``p`` atomically (temporary file + rename), then account the bytes
+        and evict past the bound."""
         tmp = p.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            for part in parts:
+                f.write(part)
         os.replace(tmp, p)
         with self._lock:
-            self._approx += len(data)
+            self._approx += nbytes
             if self._approx > self.max_bytes:
                 self._evict()
 

@@ -68,10 +68,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="mixsvcbench-") as tmp:
         work = Path(tmp)
         store = str(work / "store")
-        t0 = time.perf_counter()
         build_store(store, args.tokens)
-        print(f"built synthetic store ({args.tokens / 1e6:.0f}M tokens) in {time.perf_counter() - t0:.1f}s",
-              file=sys.stderr)
         blend, _ = resolve(blend_spec(store, args.seq_len, 64))
         resolved = work / "resolved.json"
         resolved.write_text(json.dumps(blend.to_json()))
