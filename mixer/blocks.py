@@ -77,11 +77,6 @@ class Block:
     def nbytes(self) -> int:
         return self.tokens.nbytes + self.doc_ends.nbytes
 
-    @property
-    def positions(self) -> np.ndarray:
-        """Position of every token of the block inside its document (int32; computed on call)."""
-        return doc_positions(len(self.tokens), self.doc_ends)
-
     def window_positions(self, start: int, stop: int, out: np.ndarray | None = None,
                          ramp: np.ndarray | None = None) -> np.ndarray:
         """``positions[start:stop]`` as int64 without materializing the block's positions
@@ -96,13 +91,6 @@ class Block:
         for x in d[lo:hi].tolist():  # documents starting inside the window: restart at 0
             out[x - start:] -= out[x - start]
         return out
-
-
-def doc_positions(n_tokens: int, doc_ends: np.ndarray) -> np.ndarray:
-    """Position of every token inside its document (restarts at 0 at each document start)."""
-    starts = np.concatenate([[0], np.asarray(doc_ends[:-1], dtype=np.int64)])
-    lengths = np.asarray(doc_ends, dtype=np.int64) - starts
-    return (np.arange(n_tokens, dtype=np.int64) - np.repeat(starts, lengths)).astype(np.int32)
 
 
 _TRANSIENT_NAMES = ("Timeout", "Connect", "Connection", "EndpointConnection", "ServerDisconnected",
@@ -193,21 +181,9 @@ class DiskCache:
     def path(self, version: str, ref: BlockRef) -> Path:
         return self.dir / version / f"{ref.shard:05d}-{ref.block:06d}.blk"
 
-    def get(self, version: str, ref: BlockRef) -> bytes | None:
-        p = self.path(version, ref)
-        try:
-            data = p.read_bytes()
-        except FileNotFoundError:
-            return None
-        try:
-            os.utime(p)
-        except OSError:
-            pass
-        return data
-
     def get_into(self, version: str, ref: BlockRef, buf: bytearray) -> memoryview | None:
-        """:meth:`get` read into ``buf`` (grown if too small): a view of the bytes read, valid
-        until ``buf`` is reused; None if the block is not cached."""
+        """The cached raw block read into ``buf`` (grown if too small): a view of the bytes read,
+        valid until ``buf`` is reused; None if the block is not cached."""
         p = self.path(version, ref)
         try:
             f = open(p, "rb")  # noqa: SIM115 - closed below
@@ -249,14 +225,14 @@ class DiskCache:
             m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         except (OSError, ValueError):
             os.close(fd)
-            self._drop_decoded(p)
+            p.unlink(missing_ok=True)
             return None
         os.close(fd)
         got = decode_tok(m, dtype, verify)
         if got is None:
             m.close()
             log.warning("dropping damaged decoded copy %s", p)
-            self._drop_decoded(p)
+            p.unlink(missing_ok=True)
             return None
         try:
             os.utime(p)
@@ -269,10 +245,6 @@ class DiskCache:
         if len(data) > self.max_bytes:
             return
         self._write(self.decoded_path(version, ref), data.parts, len(data))
-
-    @staticmethod
-    def _drop_decoded(p: Path) -> None:
-        p.unlink(missing_ok=True)
 
     def put(self, version: str, ref: BlockRef, data: bytes) -> None:
         if len(data) > self.max_bytes:

@@ -64,8 +64,9 @@ def _serve(args: argparse.Namespace) -> int:
     from mixer.dataset import open_blend
     from mixer.service import MixService, ServeRecord, ServiceConfig, serve_forever
     from mixer.spec import load_spec_file
+    from mixer.wire import TOKEN_ENV
 
-    token = os.environ.get("CPT_MIX_TOKEN") or None
+    token = os.environ.get(TOKEN_ENV) or None
     if args.token_file:
         try:
             token = open(args.token_file).read().strip()

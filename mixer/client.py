@@ -15,6 +15,7 @@ the URL. See docs/service.md.
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
 import time
@@ -33,10 +34,7 @@ from mixer import wire
 from mixer.contract import BlendDataset
 from mixer.schedule import MixPoint
 from mixer.spec import BlendSpec, ResolvedBlend, blend_from_json, load_spec_file, parse_spec
-from mixer.stream import MixState
-
-TOKEN_ENV = "CPT_MIX_TOKEN"
-WIRE_VERSION = 1
+from mixer.stream import MixState, check_state
 
 
 @dataclass(frozen=True)
@@ -122,12 +120,12 @@ class ServiceMixedDataset(BlendDataset):
         self.url = url.rstrip("/")
         self._scheme, self._host = parts.scheme, parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        self._token = token if token is not None else os.environ.get(wire.TOKEN_ENV) or None
         self.config = config or ClientConfig()
         info = json.loads(self._get("/v1/blend"))
-        if info.get("wire") != WIRE_VERSION:
+        if info.get("wire") != wire.WIRE_VERSION:
             raise ConfigError(f"mixer service {self.url} speaks wire version {info.get('wire')}, "
-                              f"this client {WIRE_VERSION}")
+                              f"this client {wire.WIRE_VERSION}")
         self.blend = blend_from_json(info["blend"])
         self.fingerprint = self.blend.fingerprint  # hashed once: it is in every state
         if info.get("fingerprint") != self.fingerprint:
@@ -153,26 +151,16 @@ class ServiceMixedDataset(BlendDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A state of this dataset or of a MixedDataset of the same blend (any world size at a
         step boundary), or a whole ``StatefulDataLoader`` state (worker states are merged)."""
-        s = self.incoming_state(state)
-        if s.blend != self.fingerprint:
-            raise ConfigError(f"mixer state belongs to blend {s.blend}, not to this blend {self.fingerprint}")
-        if len(s.point.counts) != len(self.blend.names):
-            raise ConfigError("mixer state has a different number of sources than the blend")
-        self._state = s.rescaled(self.world_size, self.global_batch_size)
+        self._state = check_state(self.incoming_state(state), self.fingerprint, len(self.blend.names),
+                                  self.world_size, self.global_batch_size)
 
     def epochs(self) -> dict[str, float]:
         """Epochs per source consumed up to the step of the current state (all ranks)."""
         return {n: c / w for n, c, w in zip(self.source_names, self._state.point.counts, self._windows, strict=True)}
 
-    def state_counts(self) -> dict[str, int]:
-        """Global samples served per source up to the step of the current state."""
-        return dict(zip(self.source_names, self._state.point.counts, strict=True))
-
     def describe(self) -> dict[str, Any]:
-        """What a run record needs: the resolved blend, and where it was served from."""
-        return {"kind": "mixer", "service": self.url, "blend": self.blend.to_json(),
-                "source_names": self.source_names, "source_versions": self.source_versions,
-                "seq_len": self.seq_len, "global_batch_size": self.global_batch_size, "epochs": self.epochs()}
+        """As :meth:`BlendDataset.describe`, and where it was served from."""
+        return {**super().describe(), "service": self.url}
 
     def stats(self) -> dict[str, Any]:
         """Samples/tokens per source received by this process, bytes received, reconnects."""
@@ -191,7 +179,7 @@ class ServiceMixedDataset(BlendDataset):
             return []
         query = urlencode({"source": self.source_names[source], "count": count})
         body = self._get(f"/v1/validation?{query}", binary=True)
-        reader = wire.FrameReader(_Bytes(body))
+        reader = wire.FrameReader(io.BytesIO(body))
         head = reader.head()
         out = []
         while True:
@@ -283,7 +271,7 @@ class ServiceMixedDataset(BlendDataset):
             raise _Transient(f"HTTP {resp.status} {msg}")
         if resp.status == 401:
             raise ConfigError(f"mixer service {self.url} refused {what}: unauthorized (HTTP 401; "
-                              f"pass token= or set {TOKEN_ENV})")
+                              f"pass token= or set {wire.TOKEN_ENV})")
         err = ConfigError if resp.status in (400, 409, 413) else CptError
         raise err(f"mixer service {self.url} refused {what}: HTTP {resp.status}: {msg}")
 
@@ -349,14 +337,3 @@ class _Backoff:
         time.sleep(self.delay)
         self.delay = min(self.delay * 2, self.config.max_backoff_s)
 
-
-class _Bytes:
-    """``read1`` over an in-memory body (for :class:`mixer.wire.FrameReader`)."""
-
-    def __init__(self, data: bytes):
-        self.data, self.pos = data, 0
-
-    def read1(self, n: int) -> bytes:
-        out = self.data[self.pos: self.pos + n]
-        self.pos += len(out)
-        return out

@@ -40,6 +40,20 @@ class BlendDataset(IterableDataset):
         the in-process dataset and the service client)."""
         return self._state.to_dict()
 
+    def epochs(self) -> dict[str, float]:
+        """Epochs per source consumed up to the step of the current state (all ranks)."""
+        raise NotImplementedError
+
+    def state_counts(self) -> dict[str, int]:
+        """Global samples served per source up to the step of the current state."""
+        return dict(zip(self.source_names, self._state.point.counts, strict=True))
+
+    def describe(self) -> dict[str, Any]:
+        """What a run record needs: the resolved blend (versions, weights/schedule, hold-out)."""
+        return {"kind": "mixer", "blend": self.blend.to_json(), "source_names": self.source_names,
+                "source_versions": self.source_versions, "seq_len": self.seq_len,
+                "global_batch_size": self.global_batch_size, "epochs": self.epochs()}
+
     @staticmethod
     def incoming_state(state: dict[str, Any]) -> MixState:
         """The :class:`MixState` in ``state``: a dataset state, or a whole ``StatefulDataLoader``

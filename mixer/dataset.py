@@ -107,12 +107,6 @@ class MixedDataset(BlendDataset):
         """Epochs per source consumed up to the step of the current state (all ranks)."""
         return dict(zip(self.source_names, self._get_stream().epochs(self._state.point.counts), strict=True))
 
-    def describe(self) -> dict[str, Any]:
-        """What a run record needs: the resolved blend (versions, weights/schedule, hold-out)."""
-        return {"kind": "mixer", "blend": self.blend.to_json(), "source_names": self.source_names,
-                "source_versions": self.source_versions, "seq_len": self.seq_len,
-                "global_batch_size": self.global_batch_size, "epochs": self.epochs()}
-
     def stats(self) -> dict[str, Any]:
         """Samples/tokens per source delivered by this process, and I/O counters."""
         s = self._get_stream()
@@ -122,10 +116,6 @@ class MixedDataset(BlendDataset):
             "bytes_consumed": int(s.stats.bytes_consumed),
             **s.loader.stats.as_dict(),
         }
-
-    def state_counts(self) -> dict[str, int]:
-        """Global samples served per source up to the step of the current state."""
-        return dict(zip(self.source_names, self._state.point.counts, strict=True))
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)

@@ -104,7 +104,7 @@ def choose_holdout(version: str, block_tokens: np.ndarray, tokens: int,
         if offset == 0:  # the cut falls inside the block's first document: hold out the block
             held.append(int(b))
             acc += n
-        elif offset < n:
+        else:  # 0 < offset <= n - need < n
             cut_block, cut_offset = int(b), offset
             acc += n - offset
         break

@@ -31,7 +31,6 @@ from mixer.stream import MixState, MixStream
 
 log = logging.getLogger(__name__)
 
-WIRE_VERSION = 1
 CONTENT_TYPE = "application/x-cpt-mix"
 ENDPOINTS = ("/healthz", "/metrics", "/v1/blend", "/v1/samples", "/v1/validation")
 REQUEST_KEYS = {"fingerprint", "rank", "world_size", "state", "worker", "max_samples", "sources"}
@@ -150,7 +149,7 @@ class MixService:
         self.config = config or ServiceConfig()
         if not is_loopback(self.config.host) and not self.config.token:
             raise ConfigError(f"binding the mixer service to {self.config.host} (not loopback) needs a shared "
-                              f"token: --token-file FILE or the CPT_MIX_TOKEN environment variable")
+                              f"token: --token-file FILE or the {wire.TOKEN_ENV} environment variable")
         if self.config.token is not None and not self.config.token.strip():
             raise ConfigError("the mixer service token is empty")
         self.blend = blend
@@ -164,7 +163,7 @@ class MixService:
         self.metrics = ServiceMetrics(self.names)
         self.stopping = threading.Event()
         self.blend_json = json.dumps({
-            "wire": WIRE_VERSION, "fingerprint": blend.fingerprint, "blend": blend.to_json(),
+            "wire": wire.WIRE_VERSION, "fingerprint": blend.fingerprint, "blend": blend.to_json(),
             "windows_per_epoch": [pk.windows_per_epoch for pk in self.probe.packings],
             "token_bits": [16 if u else 32 for u in self.u16],
         }).encode()

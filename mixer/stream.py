@@ -106,6 +106,17 @@ def find_states(obj: Any) -> list[dict[str, Any]]:
     return found
 
 
+def check_state(state: MixState, fingerprint: str, n_sources: int, world_size: int,
+                global_batch: int) -> MixState:
+    """``state`` checked against the blend (fingerprint, number of sources) and rescaled to
+    ``world_size`` (elastic resume; refused off a step boundary)."""
+    if state.blend != fingerprint:
+        raise ConfigError(f"mixer state belongs to blend {state.blend}, not to this blend {fingerprint}")
+    if len(state.point.counts) != n_sources:
+        raise ConfigError("mixer state has a different number of sources than the blend")
+    return state.rescaled(world_size, global_batch)
+
+
 @dataclass
 class StreamStats:
     samples: int = 0
@@ -259,11 +270,7 @@ class MixStream:
         return MixState(self.fingerprint, self.world_size, MixPoint.start(len(self.packings)), 0)
 
     def check_state(self, state: MixState) -> MixState:
-        if state.blend != self.fingerprint:
-            raise ConfigError(f"mixer state belongs to blend {state.blend}, not to this blend {self.fingerprint}")
-        if len(state.point.counts) != len(self.packings):
-            raise ConfigError("mixer state has a different number of sources than the blend")
-        return state.rescaled(self.world_size, self.global_batch)
+        return check_state(state, self.fingerprint, len(self.packings), self.world_size, self.global_batch)
 
     # ---- iteration ---------------------------------------------------------------------
     def _chunks(self, state: MixState, worker: tuple[int, int, int]) -> Iterator[tuple[_Chunk, int, _Planner]]:

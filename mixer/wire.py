@@ -28,6 +28,8 @@ import numpy as np
 
 from cpt.errors import CptError
 
+WIRE_VERSION = 1  # of the service protocol (GET /v1/blend says which one a server speaks)
+TOKEN_ENV = "CPT_MIX_TOKEN"  # the shared bearer token, for server and clients
 MAGIC = b"CPTMIX01"
 STREAM_HEAD = struct.Struct("<8s16sIH")
 # flags u8, source u16, epoch u32, sample i64, index i64, next i64, shard u32, block u32,

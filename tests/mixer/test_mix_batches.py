@@ -8,12 +8,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixer.blocks import Block, CacheConfig, doc_positions
+from mixer.blocks import Block, CacheConfig
 from mixer.dataset import MixedDataset, open_blend
 from mixer.stream import MixStream
 from tests.mixer.mix_helpers import spec
 
 W3 = {"new": 0.6, "replay": 0.25, "code": 0.15}
+def doc_positions(n_tokens: int, doc_ends: np.ndarray) -> np.ndarray:
+    """Reference: position of every token inside its document, for the whole block at once."""
+    starts = np.concatenate([[0], np.asarray(doc_ends[:-1], dtype=np.int64)])
+    lengths = np.asarray(doc_ends, dtype=np.int64) - starts
+    return (np.arange(n_tokens, dtype=np.int64) - np.repeat(starts, lengths)).astype(np.int32)
+
+
 KEYS = ["tokens", "positions", "source", "sample", "index", "epoch", "shard", "block", "offset"]
 
 
