@@ -307,11 +307,9 @@ class RunCatalog:
         was there already."""
         path = self._marker(dataset, version, run_id)
         self.fs.invalidate_cache(posixpath.dirname(path))
-        if self.fs.exists(path):
-            return False
         try:
             write_once(self.fs, path, dumps_canonical(dict(info)))
-        except CptError:  # another writer marked it in between: same fact, fine
+        except CptError:  # marked already (by this run earlier, or another writer): same fact
             if not self.fs.exists(path):
                 raise
             return False
@@ -458,10 +456,7 @@ def lineage(run_id: str, catalogs: Iterable[RunCatalog], max_depth: int = 64) ->
         hit = _find_record(parent_id, known)
         if hit is None:
             hit = _read_local_record(str((child.get("parent") or {}).get("run_dir") or ""), parent_id)
-        node = LineageNode(parent_id, hit[0] if hit else None, hit[1] if hit else "", len(nodes))
-        nodes.append(node)
-        if node.record is not None:
-            known += [RunCatalog(u) for u in record_stores(node.record) if u not in {c.url for c in known}]
+        nodes.append(LineageNode(parent_id, hit[0] if hit else None, hit[1] if hit else "", len(nodes)))
     return nodes
 
 

@@ -168,7 +168,6 @@ class CptDataLoader(BaseDataLoader):
         self.seq_len = seq_len
         self.num_sources = len(self.source.source_names)
         self.tokens_per_source = np.zeros(self.num_sources, dtype=np.int64)
-        self.last_sources: np.ndarray = np.zeros(0, dtype=np.int64)
         # each yielded batch's sample sources, in order; the trainer pops one per forward (a
         # step fetches all its microbatches before running them). Bounded for consumers
         # that never pop (torchtitan's stock Trainer in the bench).
@@ -187,7 +186,6 @@ class CptDataLoader(BaseDataLoader):
                 torch.from_numpy(np.stack([it["positions"] for it in items])))
             sources = np.array([it["source"] for it in items], dtype=np.int64)
             np.add.at(self.tokens_per_source, sources, self.seq_len)
-            self.last_sources = sources
             self.fingerprint += sample_hash(tokens)
             self.wait_seconds += time.perf_counter() - start
             self.pending_sources.append(sources)

@@ -40,7 +40,13 @@ from trainer import cpu_compat, init_guard
 from trainer.attention import DocumentSDPA, document_causal_mask
 from trainer.data import rebase_positions
 from trainer.evaluation import EvalResult, evaluate, local_tensor, routing_change
-from trainer.lineage import check_recorded_inputs, latest_step, recorded_blend, warn_parent_inputs
+from trainer.lineage import (
+    check_recorded_inputs,
+    is_resume,
+    latest_step,
+    recorded_blend,
+    warn_parent_inputs,
+)
 from trainer.routers import collect_router_losses
 from trainer.run_record import new_run_id, read_run_record, write_run_record
 
@@ -80,8 +86,7 @@ class CptTrainer(Trainer):
         cpu_compat.apply()
         cpu_compat.adapt_config(config.training, config.parallelism)
         config.dataloader.global_batch_size = config.training.global_batch_size  # type: ignore[attr-defined]
-        own_ckpt = Path(config.dump_folder) / config.checkpoint.folder
-        self._resuming = latest_step(own_ckpt) >= 0
+        self._resuming = is_resume(config.dump_folder, config.checkpoint.folder)
         self._parent: dict[str, Any] = {}
         if self._resuming:
             self._setup_resume(config)
@@ -225,7 +230,8 @@ class CptTrainer(Trainer):
             torch.distributed.all_reduce(losses, group=group)
         values = t.cpu().numpy()
         k = loader.num_sources
-        sums, counts = losses.cpu().numpy()[:k], losses.cpu().numpy()[k:]
+        losses_np = losses.cpu().numpy()
+        sums, counts = losses_np[:k], losses_np[k:]
         per_source = {f"loss/{name}": float(sums[i] / counts[i])
                       for i, name in enumerate(loader.source.source_names) if counts[i] > 0}
         return values[:-1], int(values[-1]), per_source
@@ -295,7 +301,6 @@ class CptTrainer(Trainer):
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, step)
-            self._tb.flush()
 
     def _write_record(self, start_step: int, status: str) -> None:
         if _rank() != 0:
@@ -444,6 +449,8 @@ class CptTrainer(Trainer):
                 record["train/lr"] = lr[0]
         self._append_jsonl("metrics.jsonl", record)
         self._tensorboard(record, self.step)
+        if self._tb:  # per eval; the writer flushes per-step scalars on its own schedule
+            self._tb.flush()
         if _rank() == 0:
             brief = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()
                      if not isinstance(v, list)}
