@@ -16,8 +16,11 @@ import yaml
 from cpt.errors import ConfigError
 
 DEFAULTS: dict[str, Any] = {
+    # aux_loss_coeff / z_loss_coeff: null = the router's preset (trainer.models.ROUTER_PRESETS);
+    # route_norm: null = renormalize the top-k gates only for k > 1
     "model": {"flavor": "tiny_moe", "router": "aux_loss", "attention": "sdpa",
-              "aux_loss_coeff": 0.01, "z_loss_coeff": 0.001, "load_balance_coeff": 0.001,
+              "aux_loss_coeff": None, "z_loss_coeff": None, "load_balance_coeff": 0.001,
+              "sinkhorn_tol": 0.01, "sinkhorn_max_iters": 100, "route_norm": None,
               "vocab_size": None},
     "data": {"kind": "synthetic", "blend": "", "seed": 0, "weights": [0.5, 0.5],
              "service_url": "", "service_token_env": ""},
@@ -25,17 +28,19 @@ DEFAULTS: dict[str, Any] = {
                  "seed": 0, "max_norm": 1.0, "mixed_precision_param": "float32",
                  "deterministic": False},
     "optimizer": {"lr": 3e-3, "weight_decay": 0.1},
-    "schedule": {"kind": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1, "decay_ratio": None},
+    "schedule": {"kind": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1, "decay_ratio": None,
+                 # cosine_inf only (trainer/schedules.py)
+                 "cooldown_steps": 0, "anneal_steps": 0, "const_lr_ratio": 0.55,
+                 "anneal_type": "linear"},
     "parallel": {"nproc": 2, "dp_shard": -1, "ep": 1},
     "checkpoint": {"enable": True, "interval": 10, "keep_latest_k": 0},
-    "eval": {"interval": 0, "samples_per_source": 4, "reference_routing": ""},
+    "eval": {"interval": 0, "samples_per_source": 32, "batch_size": 8, "reference_routing": ""},
     "metrics": {"log_freq": 1, "tensorboard": False},
-    "run": {"output_dir": "runs/default", "run_id": "", "phase": "pretrain",
+    "run": {"output_dir": "runs/default", "run_id": "", "name": "", "phase": "pretrain",
             "parent_run_dir": "", "parent_step": -1, "load_optimizer": False,
             "init_from_full": True, "fail_at_step": 0},
 }
 
-SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any], path: str = "") -> dict[str, Any]:
@@ -99,8 +104,8 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"model.flavor {m['flavor']!r} unknown ({', '.join(SHAPES)})")
     if m["router"] not in ROUTERS:
         raise ConfigError(f"model.router {m['router']!r} unknown ({', '.join(ROUTERS)})")
-    if cfg["schedule"]["kind"] not in SCHEDULES:
-        raise ConfigError(f"schedule.kind must be one of {', '.join(SCHEDULES)}")
+    _validate_schedule(cfg["schedule"], int(t["steps"]))
+    _validate_router(m, SHAPES[m["flavor"]], int(p["ep"]))
     if cfg["data"]["kind"] not in ("synthetic", "mixer"):
         raise ConfigError("data.kind must be 'synthetic' or 'mixer'")
     d = cfg["data"]
@@ -124,19 +129,33 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ConfigError("run.phase=cpt needs run.parent_run_dir")
 
 
-def lr_scheduler_config(schedule: dict[str, Any]) -> Any:
-    from torchtitan.components.optimizer import LRSchedulersContainer
+def _validate_schedule(sched: dict[str, Any], steps: int) -> None:
+    from trainer.schedules import SCHEDULES
 
-    kind = schedule["kind"]
-    decay_ratio = schedule.get("decay_ratio")
-    if kind == "constant":
-        decay_ratio = 0.0  # warmup, then flat ("infinite" schedule)
-    return LRSchedulersContainer.Config(
-        warmup_steps=int(schedule["warmup_steps"]),
-        decay_ratio=decay_ratio,
-        decay_type="linear" if kind == "linear" else "cosine",
-        min_lr_factor=float(schedule["min_lr_ratio"]),
-    )
+    if sched["kind"] not in SCHEDULES:
+        raise ConfigError(f"schedule.kind must be one of {', '.join(SCHEDULES)}")
+    if sched["kind"] != "cosine_inf":
+        return
+    phases = {k: int(sched[k]) for k in ("warmup_steps", "cooldown_steps", "anneal_steps")}
+    if any(v < 0 for v in phases.values()):
+        raise ConfigError("schedule: warmup_steps, cooldown_steps and anneal_steps must be >= 0")
+    if sum(phases.values()) > steps:
+        raise ConfigError(f"schedule: warmup_steps + cooldown_steps + anneal_steps "
+                          f"({sum(phases.values())}) exceed training.steps ({steps})")
+    if sched["anneal_type"] not in ("linear", "exponential"):
+        raise ConfigError("schedule.anneal_type must be 'linear' or 'exponential'")
+    if not 0.0 < float(sched["min_lr_ratio"]) <= float(sched["const_lr_ratio"]) <= 1.0:
+        raise ConfigError("schedule: need 0 < min_lr_ratio <= const_lr_ratio <= 1 for cosine_inf")
+
+
+def _validate_router(m: dict[str, Any], shape: Any, ep: int) -> None:
+    if float(m["sinkhorn_tol"]) <= 0 or int(m["sinkhorn_max_iters"]) < 1:
+        raise ConfigError("model.sinkhorn_tol must be > 0 and model.sinkhorn_max_iters >= 1")
+    if m["route_norm"] not in (None, True, False):
+        raise ConfigError("model.route_norm must be true, false or null (auto: k > 1)")
+    if shape.is_moe and ep > 1 and shape.num_experts % ep:
+        raise ConfigError(f"parallel.ep={ep} does not divide the {shape.num_experts} routed "
+                          f"experts of model.flavor={m['flavor']}")
 
 
 def to_trainer_config(cfg: dict[str, Any]) -> Any:
@@ -150,6 +169,7 @@ def to_trainer_config(cfg: dict[str, Any]) -> Any:
     from trainer import cpu_compat
     from trainer.data import CptDataLoader, NullTokenizer
     from trainer.models import SHAPES, model_spec
+    from trainer.schedules import lr_scheduler_config
     from trainer.step_metrics import StepMetrics
     from trainer.train import CptTrainer, EvalConfig, RunConfig
 
@@ -157,8 +177,11 @@ def to_trainer_config(cfg: dict[str, Any]) -> Any:
     vocab = m["vocab_size"] or SHAPES[m["flavor"]].vocab_size
     spec = model_spec(
         m["flavor"], router=m["router"], attention=m["attention"],
-        aux_loss_coeff=float(m["aux_loss_coeff"]), z_loss_coeff=float(m["z_loss_coeff"]),
+        aux_loss_coeff=_optional_float(m["aux_loss_coeff"]),
+        z_loss_coeff=_optional_float(m["z_loss_coeff"]),
         load_balance_coeff=float(m["load_balance_coeff"]), vocab_size=vocab,
+        sinkhorn_tol=float(m["sinkhorn_tol"]), sinkhorn_max_iters=int(m["sinkhorn_max_iters"]),
+        route_norm=m["route_norm"],
     )
     run = cfg["run"]
     training = TrainingConfig(
@@ -199,7 +222,7 @@ def to_trainer_config(cfg: dict[str, Any]) -> Any:
         ),
         activation_checkpoint=None,  # no activation checkpointing at these sizes
         debug=DebugConfig(seed=int(t["seed"]), deterministic=bool(t["deterministic"])),
-        run=RunConfig(run_id=str(run["run_id"]), phase=run["phase"],
+        run=RunConfig(run_id=str(run["run_id"]), name=str(run["name"]), phase=run["phase"],
                       parent_run_dir=str(run["parent_run_dir"]),
                       parent_step=int(run["parent_step"]),
                       load_optimizer=bool(run["load_optimizer"]),
@@ -207,6 +230,11 @@ def to_trainer_config(cfg: dict[str, Any]) -> Any:
                       fail_at_step=int(run["fail_at_step"])),
         evaluation=EvalConfig(interval=int(cfg["eval"]["interval"]),
                               samples_per_source=int(cfg["eval"]["samples_per_source"]),
+                              batch_size=int(cfg["eval"]["batch_size"]),
                               reference_routing=str(cfg["eval"]["reference_routing"])),
         user_config=cfg,
     )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)

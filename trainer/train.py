@@ -6,11 +6,13 @@ Additions (each a small override of a torchtitan extension point):
 * seeded unsharded init + the experts-differ guard (CPU init bug);
 * CPT phase: start from a parent run's checkpoint (weights, optionally optimizer) with a fresh
   LR schedule, the parent recorded in ``run.json``;
-* per-step JSONL (``steps.jsonl``) and per-eval metrics (``metrics.jsonl``, TensorBoard);
+* per-step JSONL (``steps.jsonl``) with the MRI / MaxVio of every MoE layer (from the counts
+  torchtitan's MoE layer keeps), per-log-step ``train`` rows and per-eval ``eval`` rows in
+  ``metrics.jsonl`` (and TensorBoard);
 * global data accounting (tokens per source, a DP-layout-independent data fingerprint) and
   per-source training loss;
-* validation per source distribution (loss, router balance) and, in CPT runs, forgetting
-  (val loss now minus at the CPT start);
+* validation per source distribution (loss, router balance and MRI, routing saturation vs the
+  run's start) and, in CPT runs, forgetting (val loss now minus at the CPT start);
 * on resume / CPT start: the recorded dataset versions must still be readable, and a resumed
   mixer-fed run reuses the resolved blend of its ``run.json``.
 """
@@ -39,7 +41,13 @@ from cpt.errors import ConfigError
 from trainer import cpu_compat, init_guard
 from trainer.attention import DocumentSDPA, document_causal_mask
 from trainer.data import rebase_positions
-from trainer.evaluation import EvalResult, evaluate, local_tensor, routing_change
+from trainer.evaluation import (
+    EvalResult,
+    evaluate,
+    local_tensor,
+    routing_change,
+    routing_saturation,
+)
 from trainer.lineage import (
     check_recorded_inputs,
     is_resume,
@@ -48,12 +56,14 @@ from trainer.lineage import (
     warn_parent_inputs,
 )
 from trainer.routers import collect_router_losses
+from trainer.routing_metrics import MoECounts
 from trainer.run_record import new_run_id, read_run_record, write_run_record
 
 
 @dataclass
 class RunConfig:
     run_id: str = ""
+    name: str = ""  # a human label (e.g. study/variant), shown by `cpt runs ls`
     phase: str = "pretrain"  # pretrain | cpt
     parent_run_dir: str = ""  # cpt: output folder of the run to continue from
     parent_step: int = -1  # cpt: checkpoint step of the parent (-1 = latest)
@@ -65,7 +75,8 @@ class RunConfig:
 @dataclass
 class EvalConfig:
     interval: int = 0  # 0 = only at start and end
-    samples_per_source: int = 4
+    samples_per_source: int = 32
+    batch_size: int = 8  # windows per eval forward
     reference_routing: str = ""  # .npz of a reference routing; default: this run's start
 
 
@@ -109,6 +120,7 @@ class CptTrainer(Trainer):
         if config.run.phase == "cpt" and not self._resuming and config.run.load_optimizer:
             self.checkpointer.exclude_from_loading = ["dataloader", "lr_scheduler", "train_state"]
         self._router_stats: list[dict[str, float]] = []
+        self._moe_counts = MoECounts(model)
         self._tokens_per_source = np.zeros(self.dataloader.num_sources, dtype=np.int64)
         # per-source train loss of the current step: [loss sums..., token counts...]
         self._source_loss = torch.zeros(2 * self.dataloader.num_sources, dtype=torch.float64,
@@ -166,6 +178,7 @@ class CptTrainer(Trainer):
         model = self.model_parts[0]
         with self.train_context():
             pred = model(inputs, **extra_kwargs)
+            self._moe_counts.snapshot()
             loss_kwargs = {}
             if "positions" in extra_kwargs:
                 loss_kwargs["positions"] = extra_kwargs["positions"]
@@ -174,10 +187,11 @@ class CptTrainer(Trainer):
             del pred
             router_loss, stats = collect_router_losses(model)
             total = loss
+            if stats:
+                self._router_stats.append(stats)
             if router_loss is not None:
                 # token-weighted mean over ranks/microbatches, like the LM loss
                 total = loss + router_loss * (labels.numel() / global_valid_tokens)
-                self._router_stats.append(stats)
             with spmd.no_typecheck():
                 total.backward()
         return loss
@@ -215,26 +229,33 @@ class CptTrainer(Trainer):
         self._source_loss[k:].index_add_(0, index, counts.double())
 
     def _reduce_data_counters(self) -> tuple[np.ndarray, int, dict[str, float]]:
-        """Global (all DP ranks) tokens per source, data fingerprint and mean train loss per
-        source of the step that just ran."""
+        """Global (all DP ranks) tokens per source, data fingerprint, and the step's metrics:
+        mean train loss per source and the MRI / MaxVio of each MoE layer."""
         loader = self.dataloader
         local = np.concatenate([loader.tokens_per_source, [loader.fingerprint]])
         loader.tokens_per_source[:] = 0
         loader.fingerprint = 0
         t = torch.from_numpy(local.astype(np.int64)).to(self.device)
-        losses = self._source_loss.clone()
+        k = loader.num_sources
+        # one float64 all-reduce: per-source loss sums and counts, then expert counts
+        counts_le = self._moe_counts.take()
+        floats = self._source_loss.clone()
+        if counts_le is not None:
+            floats = torch.cat([floats, counts_le.to(floats).reshape(-1)])
         self._source_loss.zero_()
         if self.parallel_dims.dp_enabled:
             group = self.parallel_dims.get_mesh("batch").get_group()
             torch.distributed.all_reduce(t, group=group)
-            torch.distributed.all_reduce(losses, group=group)
+            torch.distributed.all_reduce(floats, group=group)
         values = t.cpu().numpy()
-        k = loader.num_sources
-        losses_np = losses.cpu().numpy()
-        sums, counts = losses_np[:k], losses_np[k:]
-        per_source = {f"loss/{name}": float(sums[i] / counts[i])
-                      for i, name in enumerate(loader.source.source_names) if counts[i] > 0}
-        return values[:-1], int(values[-1]), per_source
+        floats_np = floats.cpu().numpy()
+        sums, counts = floats_np[:k], floats_np[k:2 * k]
+        metrics = {f"loss/{name}": float(sums[i] / counts[i])
+                   for i, name in enumerate(loader.source.source_names) if counts[i] > 0}
+        if counts_le is not None:
+            metrics.update(self._moe_counts.step_metrics(
+                floats_np[2 * k:].reshape(counts_le.shape)))
+        return values[:-1], int(values[-1]), metrics
 
     # ---- evaluation ----------------------------------------------------------------------
     def _val_batches(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -272,7 +293,8 @@ class CptTrainer(Trainer):
         return kwargs
 
     def _evaluate(self) -> EvalResult:
-        return evaluate(self.model_parts[0], self._val_batches(), self._eval_kwargs)
+        return evaluate(self.model_parts[0], self._val_batches(), self._eval_kwargs,
+                        batch_size=self.config.evaluation.batch_size)
 
     def _save_routing(self, result: EvalResult, step: int) -> None:
         if _rank() == 0 and result.routing:
@@ -309,6 +331,7 @@ class CptTrainer(Trainer):
         cfg = self.config
         record = {
             "run_id": self._run_id,
+            "name": cfg.run.name or previous.get("name", ""),
             "phase": cfg.run.phase,
             "parent_run_id": self._parent.get("run_id") or previous.get("parent_run_id", ""),
             "parent": self._parent or previous.get("parent", {}),
@@ -370,15 +393,15 @@ class CptTrainer(Trainer):
                 self.train_step(data_iterator)
             except DataloaderExhaustedError:
                 break
-            tokens, fingerprint, source_loss = self._reduce_data_counters()
+            tokens, fingerprint, step_metrics = self._reduce_data_counters()
             self._tokens_per_source += tokens
             step_record = {"step": self.step, **self.metrics_processor.last,
                            "wall_s": time.perf_counter() - t0,
                            "data_fingerprint": fingerprint,
                            "tokens": int(tokens.sum()),
                            "tokens_by_source": [int(x) for x in tokens],
-                           **source_loss}
-            self._log_source_loss(source_loss)
+                           **step_metrics}
+            self._log_step_metrics(step_metrics)
             if self._router_stats:
                 for key in ("aux_loss", "z_loss"):
                     step_record[key] = float(np.mean([s[key] for s in self._router_stats]))
@@ -416,19 +439,26 @@ class CptTrainer(Trainer):
                 out[f"train/loss/{name}"] = float(sum(v * w for v, w in pairs) / weight)
         return out
 
-    def _log_source_loss(self, source_loss: dict[str, float]) -> None:
-        if not source_loss or _rank() != 0:
+    def _log_step_metrics(self, metrics: dict[str, float]) -> None:
+        """Per-source train loss and router MRI/MaxVio of the step: TensorBoard every step,
+        and at each log step a ``train`` row of ``metrics.jsonl`` and one console line."""
+        if not metrics or _rank() != 0:
             return
-        self._tensorboard(source_loss, self.step)
+        self._tensorboard(metrics, self.step)
         if self.metrics_processor.should_log(self.step):
-            text = "  ".join(f"{k} {v:.4f}" for k, v in source_loss.items())
+            self._append_jsonl("metrics.jsonl", {"kind": "train", "step": self.step,
+                                                 "loss": self.metrics_processor.last.get("loss"),
+                                                 **metrics})
+            shown = {k: v for k, v in metrics.items()
+                     if k.startswith("loss/") or k == "router/mri_max"}
+            text = "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
             logger.info(f"step {self.step:2}  train {text}")
 
     def _log_eval(
         self, result: EvalResult, reference: dict[str, np.ndarray] | None,
         train_window: list[dict[str, Any]] | None,
     ) -> None:
-        record: dict[str, Any] = {"step": self.step, **result.metrics()}
+        record: dict[str, Any] = {"kind": "eval", "step": self.step, **result.metrics()}
         if self.config.run.phase == "cpt":
             for name, loss in result.val_loss.items():
                 if name in self._val_at_start:
@@ -436,6 +466,7 @@ class CptTrainer(Trainer):
         if reference is not None and result.routing:
             for k, v in routing_change(result.routing, reference).items():
                 record[f"routing_change/{k}"] = v
+            record.update(routing_saturation(result, reference))
         if train_window:
             keys = ("loss", "aux_loss", "z_loss", "tokens_per_s_per_rank", "step_time_s",
                     "data_wait_pct")

@@ -12,10 +12,11 @@ import torch
 import trainer  # noqa: F401
 from cpt.errors import ConfigError
 from trainer import cli, init_guard
-from trainer.config import load_config, lr_scheduler_config, parse_override
+from trainer.config import load_config, parse_override
 from trainer.evaluation import max_violation, routing_change
 from trainer.launcher import torchrun_command
 from trainer.models import build_model_config
+from trainer.schedules import lr_scheduler_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "trainer" / "configs"
 

@@ -37,6 +37,12 @@ def _steps(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
 
 
+def _evals(out: Path) -> list[dict[str, Any]]:
+    """The eval rows of metrics.jsonl (per-log-step rows are ``kind: train``)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("kind") != "train"]
+
+
 def _record(out: Path) -> dict[str, Any]:
     return json.loads((out / "run.json").read_text())
 
@@ -94,7 +100,7 @@ def test_moe_trains_with_fsdp2_ep2(run_a: Path) -> None:
 
 
 def test_metrics_per_eval_interval(run_a: Path) -> None:
-    evals = [json.loads(x) for x in (run_a / "metrics.jsonl").read_text().splitlines()]
+    evals = _evals(run_a)
     assert [e["step"] for e in evals] == [0, 4, 8]
     last = evals[-1]
     for key in ("val_loss/counting", "val_loss/motifs", "router/layers.0/max_vio",
@@ -150,8 +156,8 @@ def test_cpt_phase_rewarms_lr_and_records_parent(run_a: Path, run_d: Path) -> No
     assert rec["phase"] == "cpt"
     assert rec["parent_run_id"] == _record(run_a)["run_id"]
     assert rec["parent"]["step"] == 8 and rec["parent"]["load_optimizer"] is True
-    evals = [json.loads(x) for x in (run_d / "metrics.jsonl").read_text().splitlines()]
-    parent_final = [json.loads(x) for x in (run_a / "metrics.jsonl").read_text().splitlines()][-1]
+    evals = _evals(run_d)
+    parent_final = _evals(run_a)[-1]
     # the CPT run starts from the parent's weights: same validation loss at its step 0
     assert evals[0]["val_loss/counting"] == pytest.approx(parent_final["val_loss/counting"], abs=1e-5)
 
@@ -180,5 +186,5 @@ def test_dense_baseline_trains_with_fsdp2(runs: Path) -> None:
     out = _run(runs / "dense", "model.flavor=tiny_dense", "parallel.ep=1", "training.steps=6",
                "checkpoint.enable=false", "eval.interval=0")
     _loss_falls(out)
-    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = _evals(out)
     assert not any(k.startswith("router/") for k in evals[-1])  # no MoE layers

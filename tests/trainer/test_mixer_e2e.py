@@ -43,6 +43,11 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _evals(out: Path) -> list[dict[str, Any]]:
+    """The eval rows of metrics.jsonl (per-log-step rows are ``kind: train``)."""
+    return [r for r in _jsonl(out / "metrics.jsonl") if r.get("kind") != "train"]
+
+
 def _record(out: Path) -> dict[str, Any]:
     return json.loads((out / "run.json").read_text())
 
@@ -89,7 +94,7 @@ def test_pretrain_on_mixer_blend(pretrain: Path) -> None:
     assert np.mean(losses[-2:]) < losses[0] - 0.5, losses
     for r in steps:  # one source: its per-source train loss is the loss
         assert r["loss/lang_a"] == pytest.approx(r["loss"], rel=1e-5)
-    evals = _jsonl(pretrain / "metrics.jsonl")
+    evals = _evals(pretrain)
     assert [e["step"] for e in evals] == [0, 4, 8]
     assert evals[-1]["val_loss/lang_a"] < evals[0]["val_loss/lang_a"] - 0.5
     for key in ("train/loss/lang_a", "router_by_source/lang_a/layers.0/max_vio",
@@ -127,8 +132,8 @@ def test_cpt_rewarms_lr_records_parent_and_logs_forgetting(pretrain: Path, cpt: 
     assert [v.split("@")[0] for v in rec["data"]["source_versions"]] == ["lang_a", "lang_b"]
     assert set(rec["tokens_per_source"]) == {"lang_a", "lang_b"}
 
-    evals = _jsonl(cpt / "metrics.jsonl")
-    parent_final = _jsonl(pretrain / "metrics.jsonl")[-1]
+    evals = _evals(cpt)
+    parent_final = _evals(pretrain)[-1]
     # same held-out tokens of lang_a in both blends, same weights at the CPT start
     assert evals[0]["val_loss/lang_a"] == pytest.approx(parent_final["val_loss/lang_a"], abs=1e-5)
     start = rec["val_loss_at_start"]
@@ -159,7 +164,7 @@ def test_cpt_resume_continues_the_recorded_mixer_stream(store: str, cpt: Path) -
     expected = [sample_hash(torch.from_numpy(np.stack([next(it)["tokens"] for _ in range(G)])))
                 for _ in range(4)]
     assert [r["data_fingerprint"] for r in steps if r is not steps[2]] == expected
-    evals = _jsonl(cpt / "metrics.jsonl")
+    evals = _evals(cpt)
     assert rec["val_loss_at_start"]["lang_a"] == evals[0]["val_loss/lang_a"]  # kept on resume
 
 
