@@ -6,10 +6,18 @@ import argparse
 
 
 def _train(args: argparse.Namespace) -> int:
+    flags = {"--dry-run", "--print-model"}
+    overrides = [o for o in args.overrides if o not in flags]
+    dry_run = args.dry_run or "--dry-run" in args.overrides
+    if args.print_model or "--print-model" in args.overrides:
+        from trainer.config import load_config
+        from trainer.model_card import model_table
+
+        print(model_table(load_config(args.config, overrides)))
+        if not dry_run:
+            return 0
     from trainer.launcher import launch
 
-    overrides = [o for o in args.overrides if o != "--dry-run"]
-    dry_run = args.dry_run or len(overrides) != len(args.overrides)
     return launch(args.config, overrides, dry_run=dry_run)
 
 
@@ -23,4 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="YAML run config (see docs/trainer.md)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted.key=value overrides")
     p.add_argument("--dry-run", action="store_true", help="print the torchrun command only")
+    p.add_argument("--print-model", action="store_true",
+                   help="print the model's shape and total/active parameter counts (next to the "
+                        "paper's) and exit")
     p.set_defaults(func=_train)
