@@ -304,10 +304,13 @@ class CptTrainer(Trainer):
 
     # ---- logging -------------------------------------------------------------------------
     def _append_jsonl(self, name: str, record: dict[str, Any]) -> None:
+        """Append one row, tagged with the run segment (start or restart) that wrote it: a
+        resumed segment repeats the steps after its checkpoint, and readers keep the last
+        segment's row of each step (:func:`trainer.run_logs.read_rows`)."""
         if _rank() != 0:
             return
         with open(self._out / name, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({**record, "segment": len(self._segments) - 1}) + "\n")
 
     def _tensorboard(self, record: dict[str, Any], step: int) -> None:
         if _rank() != 0:

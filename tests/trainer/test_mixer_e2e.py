@@ -21,6 +21,7 @@ import torch
 
 from cpt.errors import NotFoundError
 from tests.trainer.mixer_data import lang_a, lang_b, publish_language, write_blend
+from trainer import run_logs
 from trainer.data import sample_hash
 from trainer.launcher import launch
 
@@ -151,6 +152,9 @@ def test_cpt_resume_continues_the_recorded_mixer_stream(store: str, cpt: Path) -
 
     steps = _jsonl(cpt / "steps.jsonl")
     assert [r["step"] for r in steps] == [1, 2, 3, 3, 4]  # crashed after 3, resumed from 2
+    assert [r["segment"] for r in steps] == [0, 0, 0, 1, 1]  # each row names its segment
+    deduped = run_logs.steps(cpt)  # readers see one row per step, the last segment's
+    assert [(r["step"], r["segment"]) for r in deduped] == [(1, 0), (2, 0), (3, 1), (4, 1)]
     assert steps[3]["loss"] == steps[2]["loss"]
     assert steps[3]["data_fingerprint"] == steps[2]["data_fingerprint"]
     rec = _record(cpt)
