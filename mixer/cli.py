@@ -41,12 +41,19 @@ def _inspect(args: argparse.Namespace) -> int:
         counts = [round(c) for c in expected_counts(sched, g, args.steps)]
     print(f"blend {blend.fingerprint}: seq_len {blend.spec.seq_len}, global batch {g}, seed {blend.spec.seed}")
     print(f"after {args.steps} steps ({args.steps * g} samples, {'exact' if exact else 'quota, +-1'}):")
-    print(f"  {'source':<16} {'version':<34} {'weight@end':>10} {'samples':>12} {'tokens':>14} {'epochs':>8}")
+    print(f"  {'source':<16} {'version':<34} {'weight@end':>10} {'samples':>12} {'tokens':>14} {'epochs':>8} "
+          f"{'replay':<6}")
     w_end = sched.weights_at(max(0, args.steps - 1))
     for i, s in enumerate(blend.sources):
         pk = ms.packings[i]
         print(f"  {s.name:<16} {s.spec:<34} {w_end[i] / D:>10.4f} {counts[i]:>12} "
-              f"{counts[i] * blend.spec.seq_len:>14} {pk.epochs_for(counts[i]):>8.3f}")
+              f"{counts[i] * blend.spec.seq_len:>14} {pk.epochs_for(counts[i]):>8.3f} {s.replay_mode:<6}")
+    for s in blend.sources:
+        if s.replay:
+            r = s.replay
+            print(f"  {s.name}: replay: seen = the {r.n_seen} samples parent run {r.parent_run_id} (blend "
+                  f"{r.parent_blend}, source {r.parent_source}) consumed in its first {r.seen_step} steps; "
+                  f"epochs count passes over them")
     return 0
 
 

@@ -60,7 +60,8 @@ def check_blend(spec: str | Path | dict[str, Any] | ResolvedBlend, served: Resol
     dict or JSON/YAML file) or a bare 16-hex-digit fingerprint must match the fingerprint exactly.
     An unresolved spec is compared without reading the store (trainer hosts of a service setup
     need no store access): source names, datasets, version-id refs, weights/schedule, seq_len,
-    batch, seed and shuffle window must match; a tag ref (``@latest``) matches any version."""
+    batch, seed, shuffle window and replay mode (and ``seen_step`` where given) must match; a tag
+    ref (``@latest``) matches any version."""
     if isinstance(spec, ResolvedBlend):
         want = spec.fingerprint
     elif isinstance(spec, str) and len(spec) == 16 and all(c in "0123456789abcdef" for c in spec):
@@ -92,6 +93,10 @@ def _spec_differences(bs: BlendSpec, served: ResolvedBlend) -> list[str]:
         is_version = len(ref) >= 6 and all(c in "0123456789abcdef" for c in ref)
         if name != r.dataset or (is_version and not r.version.startswith(ref)):
             diffs.append(f"source {s.name}: {s.dataset} != {r.spec}")
+        if s.replay != r.replay_mode:
+            diffs.append(f"source {s.name}: replay {s.replay} != {r.replay_mode}")
+        elif r.replay and s.seen_step is not None and s.seen_step != r.replay.seen_step:
+            diffs.append(f"source {s.name}: seen_step {s.seen_step} != {r.replay.seen_step}")
     return diffs
 
 

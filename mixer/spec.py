@@ -23,6 +23,7 @@ from cpt.errors import ConfigError, CptError
 from cpt.fs import absolute_url, dumps_canonical
 from cpt.hashing import sha256_hex
 from mixer.holdout import Holdout, auto_tokens, choose_holdout
+from mixer.replay import REPLAY_MODES, RUN_RECORD, SeenReplay, seen_counts
 from mixer.schedule import Knot, WeightSchedule
 
 ALGORITHM = "moe-cpt/mixer-v1"  # bump when the mapping spec -> stream changes
@@ -36,6 +37,9 @@ class SourceSpec:
     store: str
     weight: float = 1.0
     holdout_tokens: int | str = "auto"  # held-out (validation) tokens of the version, or "auto"
+    replay: str = "fresh"  # "fresh": a new shuffle of the version; "seen": the windows a parent run saw
+    seen_by: str | None = None  # seen: the parent run's output folder (holding run.json)
+    seen_step: int | None = None  # seen: the parent step to replay up to (default: its end_step)
 
 
 @dataclass(frozen=True)
@@ -65,10 +69,15 @@ class ResolvedSource:
     n_tokens: int
     n_blocks: int
     holdout: Holdout = Holdout()
+    replay: SeenReplay | None = None  # set for a ``replay: seen`` source (None: fresh)
 
     @property
     def spec(self) -> str:
         return f"{self.dataset}@{self.version}"
+
+    @property
+    def replay_mode(self) -> str:
+        return self.replay.mode if self.replay else "fresh"
 
 
 @dataclass(frozen=True)
@@ -92,12 +101,7 @@ class ResolvedBlend:
             "global_batch_size": self.spec.global_batch_size,
             "seed": self.spec.seed,
             "shuffle_blocks": self.spec.shuffle_blocks,
-            "sources": [
-                {"name": s.name, "dataset": s.dataset, "version": s.version,
-                 "weight": src.weight, "n_tokens": s.n_tokens, "n_blocks": s.n_blocks,
-                 "holdout": s.holdout.to_json()}
-                for s, src in zip(self.sources, self.spec.sources, strict=True)
-            ],
+            "sources": [_source_content(s, src) for s, src in zip(self.sources, self.spec.sources, strict=True)],
             "schedule": [{"step": k.step, "weights": dict(zip(self.names, k.weights, strict=True))}
                          for k in self.spec.schedule],
             "tokenizer_sha256": self.tokenizer_sha256,
@@ -115,7 +119,19 @@ class ResolvedBlend:
         d["vocab_size"] = self.vocab_size
         for entry, s in zip(d["sources"], self.sources, strict=True):
             entry["store"] = s.store
+            if s.replay:
+                entry["seen_by"] = s.replay.seen_by
         return d
+
+
+def _source_content(s: ResolvedSource, src: SourceSpec) -> dict[str, Any]:
+    """One source's part of :meth:`ResolvedBlend.content`; a fresh source has no ``replay`` key,
+    so blends without seen replay keep the fingerprints they had before the mode existed."""
+    d = {"name": s.name, "dataset": s.dataset, "version": s.version, "weight": src.weight,
+         "n_tokens": s.n_tokens, "n_blocks": s.n_blocks, "holdout": s.holdout.to_json()}
+    if s.replay:
+        d["replay"] = s.replay.to_json()
+    return d
 
 
 # ---- parsing ---------------------------------------------------------------------------------
@@ -148,8 +164,31 @@ def _holdout(v: Any, where: str) -> int | str:
     return v
 
 
-SOURCE_KEYS = {"dataset", "version", "weight", "store", "holdout_tokens"}
+SOURCE_KEYS = {"dataset", "version", "weight", "store", "holdout_tokens", "replay", "seen_by", "seen_step"}
 RESOLVED_SOURCE_KEYS = {"name", "holdout", "n_tokens", "n_blocks"}  # list form (resolved blends)
+
+
+def _replay(s: dict, name: str) -> tuple[str, str | None, int | None]:
+    """``(mode, seen_by, seen_step)`` of a source entry. ``replay`` is ``fresh`` (default) or
+    ``seen``; a resolved blend's entry holds the pinned record (a mapping with ``mode``)."""
+    raw = s.get("replay", "fresh")
+    pinned = raw if isinstance(raw, dict) else {}
+    mode = pinned.get("mode") if isinstance(raw, dict) else raw
+    if mode not in REPLAY_MODES:
+        raise ConfigError(f"blend spec: source {name!r}: replay must be one of {', '.join(REPLAY_MODES)} (got {mode!r})")
+    if mode == "fresh":
+        extra = [k for k in ("seen_by", "seen_step") if k in s]
+        if extra:
+            raise ConfigError(f"blend spec: source {name!r}: {', '.join(extra)} only apply with replay: seen")
+        return mode, None, None
+    seen_by = s.get("seen_by")
+    if not isinstance(seen_by, str) or not seen_by:
+        raise ConfigError(f"blend spec: source {name!r}: replay: seen needs seen_by: PATH "
+                          f"(the parent run's output folder holding {RUN_RECORD})")
+    step = s.get("seen_step", pinned.get("seen_step"))
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise ConfigError(f"blend spec: source {name!r}: seen_step must be an integer >= 0 (got {step!r})")
+    return mode, absolute_url(seen_by), step
 
 
 def load_spec_file(path: str | Path) -> dict[str, Any]:
@@ -204,7 +243,7 @@ def parse_spec(data: dict[str, Any], base_store: str | None = None) -> BlendSpec
         if not src_store:
             raise ConfigError(f"blend spec: no store for source {name!r} (set 'store' at the top or per source)")
         sources.append(SourceSpec(name, str(ds), absolute_url(str(src_store)), _weight(s.get("weight", 1.0), name),
-                                  _holdout(s.get("holdout_tokens", default_holdout), name)))
+                                  _holdout(s.get("holdout_tokens", default_holdout), name), *_replay(s, name)))
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise ConfigError(f"blend spec: duplicate source names in {names}")
@@ -276,6 +315,104 @@ def _choose_holdout(s: SourceSpec, ds: DatasetVersion, min_train_tokens: int) ->
         raise ConfigError(f"source {s.name!r} ({ds.spec}): {exc}") from exc
 
 
+def _resolve_source(s: SourceSpec, ds: DatasetVersion, bs: BlendSpec) -> ResolvedSource:
+    if s.replay != "seen":
+        return ResolvedSource(s.name, ds.name, ds.version, s.store, ds.manifest.n_tokens, ds.manifest.n_blocks,
+                              _choose_holdout(s, ds, bs.seq_len + 1))
+    replay = _resolve_seen(s, ds, bs)
+    # the parent's hold-out of the version: the same validation tokens, never trained on
+    if s.holdout_tokens != "auto" and _choose_holdout(s, ds, bs.seq_len + 1) != replay.holdout:
+        raise ConfigError(f"source {s.name!r} (replay: seen): holdout_tokens {s.holdout_tokens} gives another "
+                          f"held-out split of {ds.spec} than the parent's ({replay.holdout.tokens} tokens); "
+                          f"leave it 'auto' to keep the parent's")
+    return ResolvedSource(s.name, ds.name, ds.version, s.store, ds.manifest.n_tokens, ds.manifest.n_blocks,
+                          replay.holdout, replay)
+
+
+def _read_parent_record(seen_by: str, where: str) -> dict[str, Any]:
+    """The parent's ``run.json`` (a local folder or an fsspec URL)."""
+    import fsspec
+
+    from cpt.fs import read_json
+
+    try:
+        fs, path = fsspec.core.url_to_fs(seen_by)
+        record = read_json(fs, f"{path.rstrip('/')}/{RUN_RECORD}")
+    except (CptError, OSError, ValueError) as exc:
+        raise ConfigError(f"{where}: cannot read the parent's {RUN_RECORD}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(record, dict):
+        raise ConfigError(f"{where}: the parent's {RUN_RECORD} is not a run record")
+    return record
+
+
+def _parent_blend(record: dict[str, Any], where: str) -> ResolvedBlend:
+    data = record.get("data")
+    if not isinstance(data, dict) or data.get("kind") != "mixer" or not isinstance(data.get("blend"), dict):
+        kind = data.get("kind") if isinstance(data, dict) else None
+        raise ConfigError(f"{where}: the parent run did not read a mixer blend (data.kind {kind!r}): nothing to replay")
+    try:
+        return blend_from_json(data["blend"])
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{where}: the parent's recorded blend is unusable: {exc}") from exc
+
+
+def _parent_step(record: dict[str, Any], want: int | None, where: str) -> int:
+    end = record.get("end_step")
+    if isinstance(end, bool) or not isinstance(end, int) or end < 0:
+        raise ConfigError(f"{where}: the parent's {RUN_RECORD} has no end_step (got {end!r})")
+    if want is not None and want > end:
+        raise ConfigError(f"{where}: seen_step {want} is beyond the parent's last step {end}")
+    return end if want is None else want
+
+
+def _check_parent_state(data: dict[str, Any], parent: ResolvedBlend, step: int, counts: tuple[int, ...],
+                        where: str) -> None:
+    """If the record's mixer state is at ``step``, its counts must be the schedule's."""
+    from mixer.stream import find_states
+
+    for st in find_states(data.get("state")):
+        if st.get("blend") == parent.fingerprint and st.get("step") == step and \
+                tuple(st.get("counts") or ()) != counts:
+            raise ConfigError(f"{where}: the parent's recorded mixer state at step {step} has counts "
+                              f"{st.get('counts')}, its blend's schedule gives {list(counts)}")
+
+
+def _resolve_seen(s: SourceSpec, ds: DatasetVersion, bs: BlendSpec) -> SeenReplay:
+    """Pin what a ``replay: seen`` source replays: the windows of ``ds``'s version that the
+    parent run in ``s.seen_by`` consumed before ``s.seen_step`` (default: its end_step)."""
+    assert s.seen_by is not None  # parse_spec requires it
+    where = f"source {s.name!r} (replay: seen, seen_by {s.seen_by})"
+    record = _read_parent_record(s.seen_by, where)
+    run_id = record.get("run_id")
+    if not isinstance(run_id, str) or not run_id:
+        raise ConfigError(f"{where}: the parent's {RUN_RECORD} has no run_id")
+    parent = _parent_blend(record, where)
+    matches = [k for k, ps in enumerate(parent.sources) if ps.dataset == ds.name and ps.version == ds.version]
+    if not matches:
+        raise ConfigError(f"{where}: the parent run {run_id} never read {ds.spec} "
+                          f"(it read {', '.join(ps.spec for ps in parent.sources)})")
+    if len(matches) > 1:
+        names = ", ".join(parent.sources[k].name for k in matches)
+        raise ConfigError(f"{where}: the parent run {run_id} read {ds.spec} as several sources ({names}); "
+                          f"replay: seen needs exactly one")
+    ps = parent.sources[matches[0]]
+    if ps.replay is not None:
+        raise ConfigError(f"{where}: the parent's source {ps.name!r} is itself a replay: seen source; "
+                          f"replay the run it replayed instead")
+    if parent.spec.seq_len != bs.seq_len:
+        raise ConfigError(f"{where}: seq_len {bs.seq_len} differs from the parent's {parent.spec.seq_len} "
+                          f"(the parent's windows would not be the replayed ones)")
+    step = _parent_step(record, s.seen_step, where)
+    counts = seen_counts(parent.spec.weight_schedule(), parent.spec.global_batch_size, len(parent.sources), step)
+    _check_parent_state(record["data"], parent, step, counts, where)
+    n_seen = counts[matches[0]]
+    if n_seen == 0:
+        raise ConfigError(f"{where}: the parent run {run_id} consumed no samples of {ds.spec} "
+                          f"in its first {step} steps")
+    return SeenReplay(run_id, parent.fingerprint, ps.name, parent.spec.seq_len, parent.spec.seed,
+                      f"{ps.name}:{ps.version}", parent.spec.shuffle_blocks, ps.holdout, step, n_seen, s.seen_by)
+
+
 def resolve(spec: str | Path | dict[str, Any] | BlendSpec) -> tuple[ResolvedBlend, list[DatasetVersion]]:
     """Pin every ``dataset@ref`` to its version id and validate the blend against the data."""
     bs = load_spec(spec)
@@ -293,14 +430,11 @@ def resolve(spec: str | Path | dict[str, Any] | BlendSpec) -> tuple[ResolvedBlen
                 f"seq_len {bs.seq_len} is too large: source {s.name!r} ({ds.spec}) holds only "
                 f"{ds.manifest.n_tokens} tokens, fewer than one sample of seq_len+1"
             )
-    resolved_sources = tuple(
-        ResolvedSource(s.name, ds.name, ds.version, s.store, ds.manifest.n_tokens, ds.manifest.n_blocks,
-                       _choose_holdout(s, ds, bs.seq_len + 1))
-        for s, ds in zip(bs.sources, opened, strict=True)
-    )
+    resolved_sources = tuple(_resolve_source(s, ds, bs) for s, ds in zip(bs.sources, opened, strict=True))
     pinned = BlendSpec(
-        sources=tuple(SourceSpec(s.name, f"{ds.name}@{ds.version}", s.store, s.weight, s.holdout_tokens)
-                      for s, ds in zip(bs.sources, opened, strict=True)),
+        sources=tuple(SourceSpec(s.name, f"{ds.name}@{ds.version}", s.store, s.weight, s.holdout_tokens,
+                                 r.replay_mode, s.seen_by, r.replay.seen_step if r.replay else None)
+                      for s, ds, r in zip(bs.sources, opened, resolved_sources, strict=True)),
         seq_len=bs.seq_len, global_batch_size=bs.global_batch_size, seed=bs.seed,
         shuffle_blocks=bs.shuffle_blocks, schedule=bs.schedule,
     )
@@ -316,11 +450,14 @@ def blend_from_json(d: dict[str, Any]) -> ResolvedBlend:
         raise ConfigError(f"resolved blend uses mixer algorithm {d.get('algorithm')!r}; this code is {ALGORITHM!r}")
     spec = parse_spec({k: v for k, v in d.items() if k != "sources"} | {
         "sources": [{"name": s["name"], "dataset": f"{s['dataset']}@{s['version']}",
-                     "store": s["store"], "weight": s["weight"]} for s in d["sources"]]})
+                     "store": s["store"], "weight": s["weight"]}
+                    | ({k: s[k] for k in ("replay", "seen_by") if k in s} if s.get("replay") else {})
+                    for s in d["sources"]]})
     blend = ResolvedBlend(
         spec,
         tuple(ResolvedSource(s["name"], s["dataset"], s["version"], s["store"], s["n_tokens"], s["n_blocks"],
-                             Holdout.from_json(s.get("holdout")))
+                             Holdout.from_json(s.get("holdout")),
+                             SeenReplay.from_json(s["replay"], str(s.get("seen_by") or "")) if s.get("replay") else None)
               for s in d["sources"]),
         d["tokenizer_sha256"], d["eos_id"], d["vocab_size"],
     )

@@ -22,6 +22,7 @@ from corpus.reader import BlockRef, DatasetVersion
 from cpt.errors import ConfigError
 from mixer.blocks import BlockLoader, CacheConfig
 from mixer.packing import SourcePacking
+from mixer.replay import SeenPacking, source_packing
 from mixer.schedule import MixPoint, StepPlan, WeightSchedule, plan_step
 from mixer.spec import ResolvedBlend
 
@@ -254,9 +255,9 @@ class MixStream:
         self._ramp_long = self._ramp  # 0, 1, ...: grown to the longest first position + seq_len + 1 seen
         self.schedule: WeightSchedule = blend.spec.weight_schedule()
         self.block_tokens = [ds.block_tokens() for ds in datasets]
-        self.packings = [
-            SourcePacking(s.holdout.train_block_tokens(bt), self.seq_len, blend.spec.seed,
-                          f"{s.name}:{s.version}", blend.spec.shuffle_blocks)
+        self.packings: list[SourcePacking | SeenPacking] = [  # seen replay: the parent's windows
+            source_packing(bt, s.holdout, s.replay, self.seq_len, blend.spec.seed, f"{s.name}:{s.version}",
+                           blend.spec.shuffle_blocks)
             for s, bt in zip(blend.sources, self.block_tokens, strict=True)
         ]
         self.refs = [list(ds.block_refs()) for ds in datasets]
@@ -469,7 +470,8 @@ class MixStream:
         return out
 
     def epochs(self, counts: tuple[int, ...] | list[int]) -> list[float]:
-        """Epochs per source after serving ``counts`` samples of each."""
+        """Epochs per source after serving ``counts`` samples of each (for a seen-replay source:
+        passes over the parent's consumed windows)."""
         return [pk.epochs_for(int(c)) for pk, c in zip(self.packings, counts, strict=True)]
 
     def close(self, wait: bool = False) -> None:
