@@ -21,3 +21,11 @@ class IntegrityError(CptError):
 
 class NotFoundError(CptError):
     """A dataset, version, ref or file that was asked for does not exist."""
+
+
+class StoreError(CptError):
+    """The object store cannot be reached, refuses the request, or lacks the bucket."""
+
+
+class BusyError(CptError):
+    """Another process holds the lock on what was asked for (e.g. the same build)."""

@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from cpt.errors import CptError, NotFoundError
+from cpt.errors import CptError, NotFoundError, StoreError
+from cpt.hashing import sha256_hex
 
 
 def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -67,20 +71,145 @@ def dumps_canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
+def seal_event(payload: dict[str, Any]) -> bytes:
+    """The bytes of a write-once event object: the payload with the SHA-256 of its canonical
+    JSON, so a reader can tell a whole event from a torn or edited one (:func:`unseal_event`)."""
+    return dumps_canonical({"sha256": sha256_hex(dumps_canonical(payload)), "event": payload})
+
+
+def unseal_event(raw: bytes) -> dict[str, Any]:
+    """The payload of :func:`seal_event` bytes; :class:`ValueError` if they are not a whole,
+    unmodified event."""
+    try:
+        outer = json.loads(raw)
+        payload = outer["event"]
+        digest = outer["sha256"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"not an event object ({exc})") from exc
+    if not isinstance(payload, dict) or sha256_hex(dumps_canonical(payload)) != digest:
+        raise ValueError("checksum mismatch")
+    return payload
+
+
+def _fsync_folder(folder: str) -> None:
+    fd = os.open(folder or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_temp(folder: str, name: str, data: bytes) -> str:
+    """Write ``data`` to a fresh hidden temporary file in ``folder`` (fsynced); return its path."""
+    tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+    with open(tmp, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write an object so that readers see either nothing/the old object or the whole new one.
 
-    On object stores a single PUT is atomic already; on local disk we write a temporary file in
-    the same folder and rename it over the target.
+    On object stores a single PUT is atomic already; on local disk we write a uniquely named
+    temporary file in the same folder, fsync it, rename it over the target and fsync the folder
+    (after a crash the target is the old or the new content, never empty or partial).
     """
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
     if is_local(fs):
-        tmp = f"{path}.tmp-{id(data):x}"
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
+        folder, name = os.path.split(path)
+        tmp = _write_temp(folder, name, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        _fsync_folder(folder)
     else:
         with fs.open(path, "wb") as f:
             f.write(data)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class ObjectExistsError(CptError):
+    """A write-once object exists already."""
+
+
+def write_once(fs: Any, path: str, data: bytes) -> None:
+    """Create the object ``path`` holding ``data``, all or nothing, never replacing one.
+
+    On S3 this is a single conditional PUT (``If-None-Match: *``): the store itself refuses a
+    second creation, so of any number of concurrent writers exactly one succeeds. On local disk
+    the bytes go to a hidden temporary file in the same folder, are fsynced, and are hard-linked
+    to ``path`` (which fails if ``path`` exists), then the folder is fsynced: after a crash
+    ``path`` is either absent or complete. Raises :class:`ObjectExistsError` (a
+    :class:`CptError`) if ``path`` exists.
+    """
+    if not is_local(fs):
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError as exc:
+            raise ObjectExistsError(f"{unstrip_protocol(fs, path)} exists already (write-once)") from exc
+        return
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = _write_temp(folder, name, data)
+    try:
+        try:
+            os.link(tmp, path)
+        except FileExistsError as exc:
+            raise ObjectExistsError(f"{path} exists already (write-once)") from exc
+    finally:
+        _unlink_quietly(tmp)
+    _fsync_folder(folder)
+
+
+# ---- object store failures as one line ----------------------------------------------------------
+
+def describe_store_error(exc: BaseException, url: str) -> str | None:
+    """A one-line description of an object-store failure (endpoint down, no credentials, access
+    denied, no such bucket), or None if ``exc`` is not one."""
+    try:
+        import botocore.exceptions as bx
+    except ImportError:  # no S3 support installed: nothing to translate
+        return None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
+    if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
+        return (f"no credentials for the object store of {url} (set AWS_ACCESS_KEY_ID and "
+                f"AWS_SECRET_ACCESS_KEY, or an AWS profile)")
+    if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError | bx.ReadTimeoutError):
+        return f"cannot reach the object store at {endpoint} for {url}: {exc}"
+    if isinstance(exc, bx.ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+            return f"the object store at {endpoint} refused access to {url} ({code}): check the credentials"
+        return f"the object store at {endpoint} failed a request for {url}: {code or exc}"
+    if isinstance(exc, PermissionError):
+        return f"permission denied for {url}: {exc}"
+    return None
+
+
+@contextmanager
+def store_errors(url: str) -> Iterator[None]:
+    """Turn object-store failures raised inside the block into one-line :class:`StoreError` s."""
+    try:
+        yield
+    except CptError:
+        raise
+    except Exception as exc:
+        chain: BaseException | None = exc
+        while chain is not None:
+            message = describe_store_error(chain, url)
+            if message:
+                raise StoreError(message) from exc
+            chain = chain.__cause__ or chain.__context__
+        raise

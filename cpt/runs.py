@@ -29,8 +29,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cpt.errors import ConfigError, CptError, NotFoundError
-from cpt.fs import dumps_canonical, is_local, join, open_fs, unstrip_protocol
-from cpt.hashing import sha256_hex
+from cpt.fs import (
+    dumps_canonical,
+    join,
+    open_fs,
+    seal_event,
+    unseal_event,
+    unstrip_protocol,
+    write_once,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,45 +63,6 @@ def check_run_id(run_id: str) -> str:
 
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def write_once(fs: Any, path: str, data: bytes) -> None:
-    """Create the object ``path`` holding ``data``, all or nothing, never replacing one.
-
-    On S3 a single PUT is atomic (a reader never sees part of it). On local disk the bytes go
-    to a hidden temporary file in the same folder, are fsynced, and are hard-linked to
-    ``path`` (which fails if ``path`` exists), then the folder is fsynced: after a crash
-    ``path`` is either absent or complete. Raises :class:`CptError` if ``path`` exists.
-    """
-    import os
-
-    if not is_local(fs):
-        if fs.exists(path):
-            raise CptError(f"{unstrip_protocol(fs, path)} exists already (write-once)")
-        fs.pipe_file(path, data)
-        return
-    folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError as exc:
-            raise CptError(f"{path} exists already (write-once)") from exc
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---- what a record says about its data ---------------------------------------------------------
@@ -237,26 +205,19 @@ class RunCatalog:
         seq = int(EVENT_NAME_RE.match(names[-1]).group(1)) + 1 if names else 0  # type: ignore[union-attr]
         payload = {"format": EVENT_FORMAT, "run_id": run_id, "seq": seq, "kind": kind,
                    "time": now(), "record": dict(event)}
-        body = dumps_canonical(payload)
-        data = dumps_canonical({"sha256": sha256_hex(body), "event": payload})
+        data = seal_event(payload)
         path = join(self._run_dir(run_id), f"{seq:010d}-{kind}-{uuid.uuid4().hex[:8]}.json")
         write_once(self.fs, path, data)
         return unstrip_protocol(self.fs, path)
 
     def _read_event(self, path: str) -> dict[str, Any] | None:
-        import json
-
         try:
             with self.fs.open(path, "rb") as f:
-                raw = f.read()
-            outer = json.loads(raw)
-            payload = outer["event"]
-            if sha256_hex(dumps_canonical(payload)) != outer["sha256"]:
-                raise ValueError("checksum mismatch")
+                payload = unseal_event(f.read())
             if not isinstance(payload.get("record"), dict):
                 raise ValueError("no record")
             return payload
-        except (ValueError, KeyError, TypeError) as exc:
+        except ValueError as exc:
             log.warning("run catalog: ignoring unreadable event %s (%s)", unstrip_protocol(self.fs, path), exc)
             return None
 
