@@ -26,6 +26,7 @@ from datatrove.pipeline.base import PipelineStep
 from corpus.cleaning import MinCharsFilter, UnicodeNormalizer
 from corpus.config import DEFAULT_GLOBS, DatasetConfig, ExecutorConfig
 from corpus.dedup import DedupPlan
+from corpus.lock import acquire_build_lock
 from corpus.manifest import Manifest, TokenizerInfo
 from corpus.publish import publish_version
 from corpus.readers import StrictJsonlReader, StrictParquetReader, TextFileReader
@@ -34,7 +35,7 @@ from corpus.store import Store
 from corpus.tokenize_step import TokenizeToShards
 from corpus.tokenizer import read_tokenizer_bytes, tokenizer_info
 from cpt.codeversion import code_version
-from cpt.errors import ConfigError, CptError
+from cpt.errors import ConfigError, CptError, InputDataError
 from cpt.fs import dumps_canonical, join, open_fs, unstrip_protocol
 from cpt.hashing import sha256_hex
 
@@ -259,10 +260,11 @@ def collect_stats(plan: BuildPlan) -> dict[str, Any]:
     return {"stages": table, "bad_records_skipped": bad}
 
 
-def collect_shards(plan: BuildPlan) -> tuple[list[ShardRecord], list[str]]:
+def collect_shards(plan: BuildPlan) -> tuple[list[ShardRecord], list[str], list[dict[str, Any]]]:
     fs, root = open_fs(join(plan.work, "staging", "results"))
     shards: list[ShardRecord] = []
     index_files: list[str] = []
+    index_meta: list[dict[str, Any]] = []
     for rank in range(plan.tasks):
         path = join(root, f"{rank:05d}.json")
         if not fs.exists(path):
@@ -271,7 +273,11 @@ def collect_shards(plan: BuildPlan) -> tuple[list[ShardRecord], list[str]]:
             result = json.load(f)
         shards.extend(ShardRecord.from_json(s) for s in result["shards"])
         index_files.append(result["index"])
-    return shards, index_files
+        if not result.get("index_file"):
+            raise CptError(f"tokenize task {rank} left a result without index checksum at {path} "
+                           "(written by older code); delete the work folder and rebuild")
+        index_meta.append(result["index_file"])
+    return shards, index_files, index_meta
 
 
 # ---- driver -------------------------------------------------------------------------------
@@ -285,19 +291,41 @@ def build_dataset(
     executor: ExecutorConfig = ExecutorConfig(),
     runner: StageRunner | None = None,
     keep_work: bool = False,
+    create_bucket: bool = False,
 ) -> BuildResult:
-    """Build and publish ``cfg`` into the store; a no-op if this exact build was published."""
+    """Build and publish ``cfg`` into the store; a no-op if this exact build was published.
+
+    The store's bucket must exist unless ``create_bucket``. A second build of the same key while
+    one runs raises :class:`~cpt.errors.BusyError` naming it (see :mod:`corpus.lock`)."""
     t0 = time.monotonic()
     store = Store(store_url)
     tok_bytes = read_tokenizer_bytes(cfg.tokenizer)
     tok = tokenizer_info(tok_bytes, cfg.tokenizer, cfg.eos_token)
     inputs = plan_inputs(cfg)
     key = compute_build_key(cfg, tok, inputs)
-    refs = store.load_refs(cfg.name)
-    done = refs.builds.get(key)
-    if done and store.has_version(cfg.name, done):
-        return BuildResult(cfg.name, done, store.load_manifest(cfg.name, done), skipped=True)
+    store.check_bucket(create=create_bucket)
+    done = _published(store, cfg.name, key)
+    if done:
+        return done
+    with acquire_build_lock(store.fs, store.work_path(cfg.name, key), f"a build of {cfg.name} (build key {key})"):
+        done = _published(store, cfg.name, key)  # the holder before us may have finished it
+        if done:
+            return done
+        return _build_locked(cfg, store, executor, runner, keep_work, t0, key, tok_bytes, tok, inputs)
 
+
+def _published(store: Store, name: str, key: str) -> BuildResult | None:
+    if not store.refs_log(name).exists():
+        return None
+    done = store.load_refs(name).builds.get(key)
+    if done and store.has_version(name, done):
+        return BuildResult(name, done, store.load_manifest(name, done), skipped=True)
+    return None
+
+
+def _build_locked(cfg: DatasetConfig, store: Store, executor: ExecutorConfig, runner: StageRunner | None,
+                  keep_work: bool, t0: float, key: str, tok_bytes: bytes, tok: TokenizerInfo,
+                  inputs: list[PlannedInput]) -> BuildResult:
     work_url = store.url_of("_work", cfg.name, key)
     plan = BuildPlan(cfg, inputs, work_url, tok_bytes, tok, executor.workers)
     stage_seconds: dict[str, float] = {}
@@ -320,6 +348,11 @@ def build_dataset(
                        "`cpt corpus build` command to publish (finished tasks are not redone)")
 
     manifest = finalize_manifest(plan, key)
+    if manifest.n_docs == 0 and not cfg.allow_empty:
+        read = next((r["docs_out"] for r in manifest.stats.get("stages", []) if r["stage"] == "read"), 0)
+        raise InputDataError(
+            f"{cfg.name}: the build produced 0 documents ({sum(len(p.files) for p in inputs)} input file(s), "
+            f"{read} document(s) read); refusing to publish an empty version (set allow_empty: true to allow it)")
     staging = store.path("_work", cfg.name, key, "staging")
     version = publish_version(store, manifest, staging, key, tok_bytes)
     if not keep_work:
@@ -345,7 +378,7 @@ def _run_stage(ex: Any, stage: Stage) -> None:
 
 
 def finalize_manifest(plan: BuildPlan, key: str) -> Manifest:
-    shards, index_files = collect_shards(plan)
+    shards, index_files, index_meta = collect_shards(plan)
     return Manifest(
         dataset=plan.cfg.name,
         tokenizer=plan.tok,
@@ -354,6 +387,7 @@ def finalize_manifest(plan: BuildPlan, key: str) -> Manifest:
         shards=shards,
         stats=collect_stats(plan),
         index_files=index_files,
+        index_meta=index_meta,
         build={"build_key": key, "code": code_version(),
                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     )

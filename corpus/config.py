@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -80,10 +82,67 @@ class DatasetConfig:
     clean: CleanConfig = field(default_factory=CleanConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
+    allow_empty: bool = False  # publish a version with 0 documents instead of refusing
 
     def identity(self) -> dict[str, Any]:
-        """The fields that define the data (what goes into the manifest and build key)."""
-        return dataclasses.asdict(self)
+        """The fields that define the data (what goes into the manifest and build key);
+        ``allow_empty`` is a publishing policy, not part of the data."""
+        d = dataclasses.asdict(self)
+        d.pop("allow_empty")
+        return d
+
+
+NESTED: dict[str, type] = {
+    "clean": CleanConfig,
+    "dedup": DedupConfig,
+    "minhash": MinhashSettings,
+    "packing": PackingConfig,
+}
+
+
+def _type_name(tp: Any) -> str:
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is str:
+        return "a string"
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is dict or tp is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether a parsed YAML/TOML value has the declared field type (no coercion: "4" is no int,
+    2.5 is no int, true is no int)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _check_type(value: Any, tp: Any, where: str, key: str) -> None:
+    if not _matches(value, tp):
+        shown = repr(value) if len(repr(value)) < 60 else f"{repr(value)[:57]}..."
+        raise ConfigError(f"{where}: {key} must be {_type_name(tp)}, got {type(value).__name__} {shown}")
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -92,19 +151,16 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(map(str, data)) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
-    nested = {
-        "clean": CleanConfig,
-        "dedup": DedupConfig,
-        "minhash": MinhashSettings,
-        "packing": PackingConfig,
-    }
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
-        if key in nested:
-            value = _build(nested[key], value, f"{where}.{key}")
+        if key in NESTED:
+            value = _build(NESTED[key], value, f"{where}.{key}")
+        elif key != "inputs":
+            _check_type(value, hints[key], where, key)
         kwargs[key] = value
     try:
         return cls(**kwargs)
@@ -122,11 +178,16 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> DatasetConf
     raw_inputs = data.pop("inputs")
     if isinstance(raw_inputs, (str, dict)):
         raw_inputs = [raw_inputs]
+    if not isinstance(raw_inputs, list):
+        raise ConfigError(f"{where}: inputs must be a URL, a mapping or a list of them, "
+                          f"got {type(raw_inputs).__name__} {raw_inputs!r}")
     if not raw_inputs:
         raise ConfigError(f"{where}: `inputs` is empty")
     inputs = []
     for i, item in enumerate(raw_inputs):
         item = {"url": item} if isinstance(item, str) else item
+        if isinstance(item, dict) and not isinstance(item.get("url"), str):
+            raise ConfigError(f"{where}.inputs[{i}]: url must be a string (a path or URL)")
         inp = _build(InputConfig, item, f"{where}.inputs[{i}]")
         if inp.format not in FORMATS:
             raise ConfigError(f"{where}.inputs[{i}]: format must be one of {', '.join(FORMATS)}, got {inp.format!r}")
@@ -143,12 +204,14 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> DatasetConf
 def _validate(cfg: DatasetConfig, where: str) -> None:
     if cfg.on_bad_record not in ("fail", "skip"):
         raise ConfigError(f"{where}: on_bad_record must be 'fail' or 'skip'")
-    if cfg.tasks < 1:
-        raise ConfigError(f"{where}: tasks must be >= 1")
-    if cfg.packing.block_tokens < 1 or cfg.packing.shard_bytes < 1:
-        raise ConfigError(f"{where}: packing sizes must be positive")
-    if cfg.clean.min_chars < 0:
-        raise ConfigError(f"{where}: clean.min_chars must be >= 0")
+    m = cfg.dedup.minhash
+    minimums = {"tasks": (cfg.tasks, 1), "packing.block_tokens": (cfg.packing.block_tokens, 1),
+                "packing.shard_bytes": (cfg.packing.shard_bytes, 1), "clean.min_chars": (cfg.clean.min_chars, 0),
+                "dedup.minhash.n_grams": (m.n_grams, 1), "dedup.minhash.num_buckets": (m.num_buckets, 1),
+                "dedup.minhash.hashes_per_bucket": (m.hashes_per_bucket, 1)}
+    for key, (value, least) in minimums.items():
+        if value < least:
+            raise ConfigError(f"{where}: {key} must be an integer >= {least}, got {value}")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DatasetConfig:
@@ -165,6 +228,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Da
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot parse: {exc}") from exc
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at top level, got {type(data).__name__}")
     data = {**(data or {}), **(overrides or {})}
     base = path.parent
 
@@ -180,7 +245,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Da
         inputs = [inputs]
     if isinstance(inputs, list):
         data["inputs"] = [
-            rel(i) if isinstance(i, str) else {**i, "url": rel(i["url"])} if isinstance(i, dict) and "url" in i else i
+            rel(i) if isinstance(i, str)
+            else {**i, "url": rel(i["url"])} if isinstance(i, dict) and isinstance(i.get("url"), str) else i
             for i in inputs
         ]
     return config_from_dict(data, str(path))
