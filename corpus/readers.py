@@ -7,9 +7,10 @@ count the record as skipped (``on_bad_record: skip``, counted in the build stats
 
 from __future__ import annotations
 
-import io
 import time
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 import orjson
 import zstandard
@@ -18,6 +19,98 @@ from datatrove.pipeline.readers import JsonlReader, ParquetReader
 from datatrove.pipeline.readers.base import BaseDiskReader
 
 from cpt.errors import InputDataError
+
+READ_CHUNK = 1 << 20
+
+
+def compression_of(filepath: str) -> str | None:
+    """``"gzip"``, ``"zstd"`` or None, from the file name (as datatrove's ``compression="infer"``)."""
+    name = filepath.lower()
+    if name.endswith(".gz"):
+        return "gzip"
+    if name.endswith((".zst", ".zstd")):
+        return "zstd"
+    return None
+
+
+def _raw_chunks(f: BinaryIO) -> Iterator[bytes]:
+    while chunk := f.read(READ_CHUNK):
+        yield chunk
+
+
+def _gunzip(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Every gzip member of the stream, decompressed; ValueError if it is not gzip or ends inside
+    a member (a truncated file)."""
+    d = zlib.decompressobj(wbits=31)
+    started = False
+    for chunk in chunks:
+        while chunk:
+            started = True
+            try:
+                out = d.decompress(chunk)
+            except zlib.error as exc:
+                raise ValueError(f"not a valid gzip stream ({exc})") from exc
+            if out:
+                yield out
+            if d.eof:
+                chunk = d.unused_data
+                d = zlib.decompressobj(wbits=31)
+                started = False
+            else:
+                chunk = b""
+    if started:
+        raise ValueError("truncated gzip stream (it ends inside a compressed member)")
+
+
+def _unzstd(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Every zstd frame of the stream, decompressed; ValueError if it is not zstd or ends inside
+    a frame (a truncated file)."""
+    dctx = zstandard.ZstdDecompressor()
+    d = dctx.decompressobj()
+    started = False
+    for chunk in chunks:
+        while chunk:
+            started = True
+            try:
+                out = d.decompress(chunk)
+            except zstandard.ZstdError as exc:
+                raise ValueError(f"not a valid zstd stream ({exc})") from exc
+            if out:
+                yield out
+            if d.eof:
+                chunk = d.unused_data
+                d = dctx.decompressobj()
+                started = False
+            else:
+                chunk = b""
+    if started:
+        raise ValueError("truncated zstd stream (it ends inside a frame)")
+
+
+def decompressed(f: BinaryIO, compression: str | None) -> Iterator[bytes]:
+    """The decompressed bytes of ``f`` in chunks, strict about truncation and corruption."""
+    chunks = _raw_chunks(f)
+    if compression == "gzip":
+        return _gunzip(chunks)
+    if compression == "zstd":
+        return _unzstd(chunks)
+    return chunks
+
+
+def iter_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Lines (with their newline, the last one possibly without) of a chunked byte stream."""
+    pending: list[bytes] = []
+    for chunk in chunks:
+        start = 0
+        while (nl := chunk.find(b"\n", start)) != -1:
+            pending.append(chunk[start : nl + 1])
+            yield b"".join(pending)
+            pending = []
+            start = nl + 1
+        if start < len(chunk):
+            pending.append(chunk[start:])
+    if pending:
+        yield b"".join(pending)
 
 
 class _StrictMixin:
@@ -58,6 +151,12 @@ class _StrictMixin:
         yield from super().run(data, rank, world_size)  # type: ignore[misc]
         self.report_progress(0, rank, force=True)
 
+    def bad_file(self, filepath: str, reason: str) -> InputDataError:
+        """A whole input file is unreadable (truncated, corrupt): always an error naming it,
+        whatever ``on_bad_record`` says (it is a bad file, not a bad record)."""
+        where = self.data_folder.resolve_paths(filepath)  # type: ignore[attr-defined]
+        return InputDataError(f"{where}: {reason}; the file is damaged (re-create or remove it)")
+
     def make_document(self, text: object, doc_id: str, filepath: str, line: int | None) -> Document | None:
         if not isinstance(text, str):
             self.bad_record(filepath, line, f"field {self.text_key!r} is {type(text).__name__}, not a string")  # type: ignore[attr-defined]
@@ -80,10 +179,15 @@ class StrictJsonlReader(_RecordReaderMixin, JsonlReader):
 
     def read_file(self, filepath: str) -> Iterator[Document]:
         rank = getattr(self, "_rank", 0)
-        with self.data_folder.open(filepath, "rb", compression=self.compression) as f:
-            if not hasattr(f, "readline") or isinstance(f, zstandard.ZstdDecompressionReader):
-                f = io.BufferedReader(f)  # zstd streams are not line-iterable by themselves
-            for li, raw in enumerate(f, start=1):
+        with self.data_folder.open(filepath, "rb") as f:
+            lines = enumerate(iter_lines(decompressed(f, compression_of(filepath))), start=1)
+            while True:
+                try:
+                    li, raw = next(lines)
+                except StopIteration:
+                    break
+                except (ValueError, EOFError, OSError) as exc:
+                    raise self.bad_file(filepath, str(exc)) from exc
                 self.report_progress(len(raw), rank)
                 if not raw.strip():
                     continue
