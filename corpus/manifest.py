@@ -47,6 +47,9 @@ class Manifest:
     index_files: list[str]
     build: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
+    # size + xxh3-128 of each index file ({"path", "nbytes", "checksum"}); None in manifests
+    # written before they were recorded (their version ids stay as they were)
+    index_meta: list[dict[str, Any]] | None = None
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -76,6 +79,7 @@ class Manifest:
             "stats": self.stats,
             "index_files": self.index_files,
             "totals": {"docs": self.n_docs, "tokens": self.n_tokens, "bytes": self.nbytes},
+            **({"index_meta": self.index_meta} if self.index_meta is not None else {}),
         }
 
     def version_id(self) -> str:
@@ -96,6 +100,7 @@ class Manifest:
             index_files=d["index_files"],
             build=d.get("build", {}),
             format=d.get("format", FORMAT),
+            index_meta=d.get("index_meta"),
         )
         if m.format != FORMAT:
             raise ValueError(f"unsupported manifest format {m.format!r} (this code reads {FORMAT!r})")

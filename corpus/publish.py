@@ -85,6 +85,7 @@ def publish_documents(
         shards=shards,
         stats={"stages": [{"stage": "input", "docs_in": len(docs), "docs_out": len(docs)}]},
         index_files=[index_rel],
+        index_meta=[writer.index_file.to_json()] if writer.index_file else None,
         build={"build_key": build_key, "code": code_version()},
     )
     return publish_version(store, manifest, staging, build_key, tokenizer_json)

@@ -12,7 +12,9 @@ A shard is a plain (USTAR) tar file. Each *block* is one webdataset sample with 
 So ``webdataset.WebDataset(url)`` iterates a shard as samples ``{"__key__", "tokens.zst",
 "docs.npy"}``. The manifest records for every block the byte offsets of both members' data; the
 two are adjacent in the tar, so one ranged GET of ``[tokens_offset, docs_offset + docs_nbytes)``
-fetches a block without reading the rest of the shard. Documents never straddle blocks.
+fetches a block without reading the rest of the shard. A document longer than the configured
+block size is cut across consecutive blocks (see :mod:`corpus.shard_set`): each piece is one
+entry of its block's table, so a reader that treats entries as documents sees it as several.
 """
 
 from __future__ import annotations
@@ -159,7 +161,10 @@ class ShardFileWriter:
         self._tar.addfile(info, io.BytesIO(payload))
         return data_offset
 
-    def add_block(self, tokens: np.ndarray, doc_ends: np.ndarray) -> BlockRecord:
+    def add_block(self, tokens: np.ndarray, doc_ends: np.ndarray, continued: bool = False) -> BlockRecord:
+        """Append one block. ``continued``: its first document-table entry is the rest of a
+        document that started in an earlier block (the shard's ``n_docs`` counts documents, each
+        once, where it starts; a block's ``n_docs`` counts its table entries)."""
         key = f"block-{len(self.blocks):06d}"
         tok_payload = self._zstd.compress(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
         docs_payload = encode_docs(doc_ends)
@@ -177,7 +182,7 @@ class ShardFileWriter:
         )
         self.blocks.append(record)
         self.n_tokens += record.n_tokens
-        self.n_docs += record.n_docs
+        self.n_docs += record.n_docs - (1 if continued and record.n_docs else 0)
         return record
 
     def close(self) -> ShardRecord:

@@ -16,6 +16,29 @@ from corpus.tokenizer import batched
 from cpt.fs import join, open_fs
 
 ENCODE_BATCH = 256
+LONG_DOC_CHARS = 1 << 20  # longer texts are tokenized in pieces of about this many characters
+CUT_WINDOW = 4096  # how far back from the limit a piece boundary is looked for
+
+
+def piece_bounds(text: str, limit: int = LONG_DOC_CHARS, window: int = CUT_WINDOW) -> list[int]:
+    """Where to cut a long text for tokenizing it piece by piece: offsets of pieces of at most
+    ``limit`` characters, each cut just before a whitespace character that follows a non-space
+    and precedes a non-space ("word| word"). Byte-level BPE pre-tokenizers (GPT-2, Llama 3 and
+    the ones :func:`corpus.tokenizer.train_bpe` makes) split there anyway, so the pieces' tokens
+    are the whole text's. Only a stretch of ``window`` characters without such a place is cut
+    at the limit itself (tokens may then differ at that cut)."""
+    bounds = [0]
+    n = len(text)
+    while n - bounds[-1] > limit:
+        hard = bounds[-1] + limit
+        cut = hard
+        for i in range(hard, max(bounds[-1] + 1, hard - window), -1):
+            if text[i].isspace() and not text[i - 1].isspace() and i + 1 < n and not text[i + 1].isspace():
+                cut = i
+                break
+        bounds.append(cut)
+    bounds.append(n)
+    return bounds
 
 
 def content_hash(text: str) -> str:
@@ -52,21 +75,34 @@ class TokenizeToShards(PipelineStep):
         eos = self.info.eos_id
         for batch in batched(data, ENCODE_BATCH):
             with self.track_time("batch"):
-                encodings = tok.encode_batch_fast([d.text for d in batch], add_special_tokens=False)
+                short = [d for d in batch if len(d.text) <= LONG_DOC_CHARS]
+                encodings = iter(tok.encode_batch_fast([d.text for d in short], add_special_tokens=False))
                 n_tokens = 0
-                for doc, enc in zip(batch, encodings, strict=True):
-                    ids = enc.ids
-                    ids.append(eos)
-                    n_tokens += len(ids)
-                    writer.add(np.array(ids, dtype=dtype), doc.id, doc.metadata.get("file_path", ""),
-                               content_hash(doc.text))
+                for doc in batch:
+                    writer.begin_document(doc.id, doc.metadata.get("file_path", ""), content_hash(doc.text))
+                    if len(doc.text) <= LONG_DOC_CHARS:
+                        n_tokens += self._add(writer, next(encodings).ids, dtype)
+                    else:  # one piece at a time: memory bounded by the piece, not the document
+                        bounds = piece_bounds(doc.text)
+                        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                            ids = tok.encode_batch_fast([doc.text[a:b]], add_special_tokens=False)[0].ids
+                            n_tokens += self._add(writer, ids, dtype)
+                    writer.add_tokens(np.array([eos], dtype=dtype))
+                    writer.end_document()
+                    n_tokens += 1
                 self.stat_update("documents", value=len(batch), unit="batch")
                 self.stat_update("tokens", value=n_tokens, unit="batch")
         shards, index_rel = writer.close()
-        result = {"rank": rank, "shards": [s.to_json() for s in shards], "index": index_rel}
+        result = {"rank": rank, "shards": [s.to_json() for s in shards], "index": index_rel,
+                  "index_file": writer.index_file.to_json() if writer.index_file else None}
         fs.makedirs(join(root, "results"), exist_ok=True)
         with fs.open(join(root, "results", f"{rank:05d}.json"), "w") as f:
             json.dump(result, f)
         return
         yield  # a generator step that consumes its input
+
+    @staticmethod
+    def _add(writer: ShardSetWriter, ids: list[int], dtype: np.dtype) -> int:
+        writer.add_tokens(np.array(ids, dtype=dtype))
+        return len(ids)
 

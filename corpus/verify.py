@@ -1,4 +1,6 @@
-"""Re-check every checksum of a published version: shard files, blocks and the manifest."""
+"""Re-check every file a published version consists of: the manifest (its content hashes to the
+version id, checked when it is opened), every shard file and block, every index file, and the
+stored tokenizer (its sha256)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import xxhash
 
 from corpus.reader import BlockRef, DatasetVersion
 from corpus.shards import split_block_bytes
+from cpt.hashing import sha256_hex
 
 CHUNK = 8 << 20
 
@@ -18,6 +21,7 @@ class VerifyReport:
     shards_checked: int = 0
     blocks_checked: int = 0
     bytes_checked: int = 0
+    files_checked: int = 0  # index files and the tokenizer
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -26,8 +30,61 @@ class VerifyReport:
 
 
 def verify_version(ds: DatasetVersion, on_bytes: Callable[[int], None] | None = None) -> VerifyReport:
-    """Read every shard once, checking the whole-file checksum and every block's checksum."""
+    """Read every shard once, checking the whole-file checksum and every block's checksum; then
+    the index files and the tokenizer."""
     report = VerifyReport()
+    _verify_shards(ds, report, on_bytes)
+    _verify_index(ds, report)
+    _verify_tokenizer(ds, report)
+    return report
+
+
+def _read_all(ds: DatasetVersion, path: str) -> bytes | None:
+    try:
+        return ds.fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+
+
+def _verify_index(ds: DatasetVersion, report: VerifyReport) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meta = {m["path"]: m for m in ds.manifest.index_meta or []}
+    rows, before = 0, len(report.problems)
+    for rel in ds.manifest.index_files:
+        data = _read_all(ds, ds.store.version_path(ds.name, ds.version, rel))
+        report.files_checked += 1
+        if data is None:
+            report.problems.append(f"index {rel}: missing")
+            continue
+        m = meta.get(rel)
+        if m and len(data) != m["nbytes"]:
+            report.problems.append(f"index {rel}: size {len(data)} != {m['nbytes']} in manifest")
+            continue
+        if m and xxhash.xxh3_128(data).hexdigest() != m["checksum"]:
+            report.problems.append(f"index {rel}: file checksum mismatch")
+            continue
+        try:
+            rows += pq.read_metadata(pa.BufferReader(data)).num_rows
+        except (pa.ArrowException, OSError) as exc:
+            report.problems.append(f"index {rel}: not a readable Parquet file ({exc})")
+    if len(report.problems) == before and rows != ds.manifest.n_docs:
+        report.problems.append(f"index: {rows} rows, manifest counts {ds.manifest.n_docs} documents")
+
+
+def _verify_tokenizer(ds: DatasetVersion, report: VerifyReport) -> None:
+    tok = ds.manifest.tokenizer
+    data = _read_all(ds, ds.store.path(tok.store_path))
+    report.files_checked += 1
+    if data is None:
+        report.problems.append(f"tokenizer {tok.store_path}: missing")
+    elif sha256_hex(data) != tok.sha256:
+        report.problems.append(f"tokenizer {tok.store_path}: sha256 mismatch ({sha256_hex(data)[:16]}..., "
+                               f"manifest {tok.sha256[:16]}...)")
+
+
+def _verify_shards(ds: DatasetVersion, report: VerifyReport, on_bytes: Callable[[int], None] | None) -> None:
     for si, shard in enumerate(ds.manifest.shards):
         path = ds.shard_path(si)
         try:
@@ -53,4 +110,3 @@ def verify_version(ds: DatasetVersion, on_bytes: Callable[[int], None] | None = 
             if xxhash.xxh3_128(tok + docs).hexdigest() != block.checksum:
                 report.problems.append(f"{ds.describe(BlockRef(si, bi))}: block checksum mismatch "
                                        f"(bytes {start}-{end})")
-    return report

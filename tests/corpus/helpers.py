@@ -12,20 +12,26 @@ import yaml
 from tokenizers import Tokenizer
 
 from corpus import open_dataset
-from corpus.reader import BlockRef
 
 
 def read_back(store: str, spec: str) -> dict[str, np.ndarray]:
-    """doc_id -> tokens as stored, walking every block and the per-document index."""
+    """doc_id -> tokens as stored, walking every block and the per-document index (a document
+    cut across blocks continues as the first entry of each following block, manifest order)."""
     ds = open_dataset(store, spec)
+    refs = list(ds.block_refs())
+    position = {(r.shard, r.block): i for i, r in enumerate(refs)}
     shard_idx = {s.path: i for i, s in enumerate(ds.manifest.shards)}
     out: dict[str, np.ndarray] = {}
     for rel in ds.manifest.index_files:
         with ds.fs.open(ds.store.version_path(ds.name, ds.version, rel), "rb") as f:
             index = pq.read_table(f).to_pylist()
         for row in index:
-            block = ds.read_block(BlockRef(shard_idx[row["shard"]], row["block"]))
-            out[row["doc_id"]] = block.documents()[row["doc_in_block"]]
+            at = position[(shard_idx[row["shard"]], row["block"])]
+            pieces = [ds.read_block(refs[at]).documents()[row["doc_in_block"]]]
+            for k in range(1, row.get("n_blocks") or 1):
+                pieces.append(ds.read_block(refs[at + k]).documents()[0])
+            out[row["doc_id"]] = np.concatenate(pieces)
+            assert len(out[row["doc_id"]]) == row["n_tokens"]
     assert len(out) == ds.manifest.n_docs
     return out
 
