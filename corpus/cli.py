@@ -15,7 +15,8 @@ from rich.table import Table
 
 from corpus.config import ExecutorConfig, load_config
 from corpus.store import Store
-from cpt.errors import ConfigError
+from cpt.errors import BusyError, ConfigError, CptError
+from cpt.fs import store_errors
 
 DEFAULT_STORE = "data/store"
 
@@ -46,28 +47,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--executor-options", default=None, metavar="FILE",
                    help="YAML file with options for the slurm/ray executor (partition, time, ...)")
     p.add_argument("--keep-work", action="store_true", help="keep the work folder (signatures, logs) after publishing")
-    p.set_defaults(func=cmd_build)
+    p.add_argument("--create-bucket", action="store_true",
+                   help="create the store's S3 bucket if it does not exist (otherwise a missing bucket is an error)")
+    p.set_defaults(func=_guarded(cmd_build))
 
     p = csub.add_parser("ls", help="list datasets and their versions in a store")
     _store_arg(p)
-    p.set_defaults(func=cmd_ls)
+    p.set_defaults(func=_guarded(cmd_ls))
 
     p = csub.add_parser("show", help="stats of one version: docs in/out per stage, tokens, shards, bytes")
     p.add_argument("ref", metavar="NAME@REF", help="e.g. prose@latest, prose@v2, prose@<version id>")
     _store_arg(p)
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    p.set_defaults(func=cmd_show)
+    p.set_defaults(func=_guarded(cmd_show))
 
     p = csub.add_parser("verify", help="re-check every checksum of a version (names the bad shard/block)")
     p.add_argument("ref", metavar="NAME@REF")
     _store_arg(p)
-    p.set_defaults(func=cmd_verify)
+    p.set_defaults(func=_guarded(cmd_verify))
 
     p = csub.add_parser("tag", help="point a human tag (e.g. paper-v1) at a version")
     p.add_argument("ref", metavar="NAME@REF")
     p.add_argument("tag")
     _store_arg(p)
-    p.set_defaults(func=cmd_tag)
+    p.set_defaults(func=_guarded(cmd_tag))
+
+    p = csub.add_parser("repair", help="rebuild a dataset's refs from the manifests present (after damage)",
+                        description="Detects damaged ref events (or an unreadable refs.json), voids them, and "
+                        "registers every version whose manifest is present but not in the refs. Reports what "
+                        "cannot be recovered (e.g. tags set in a damaged event).")
+    p.add_argument("name", metavar="NAME")
+    _store_arg(p)
+    p.set_defaults(func=_guarded(cmd_repair))
 
     p = csub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on a dataset's inputs")
     p.add_argument("config", nargs="+", help="dataset config(s) whose (cleaned) inputs to train on")
@@ -87,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # ---- build ----------------------------------------------------------------------------------
 def run_build(cfg_path: str, store_url: str, workers: int, executor: ExecutorConfig, keep_work: bool,
-              console: Console | None = None) -> Any:
+              console: Console | None = None, create_bucket: bool = False) -> Any:
     """Build one config with progress bars; datatrove's logs go to a file named on failure."""
     from corpus.build import build_dataset
     from corpus.progress import StageProgress, stderr_to_file
@@ -102,7 +113,11 @@ def run_build(cfg_path: str, store_url: str, workers: int, executor: ExecutorCon
     try:
         with stderr_to_file(log_path) as stream:
             runner = StageProgress(Console(file=stream, force_terminal=console.is_terminal), total)
-            result = build_dataset(cfg, store_url, executor, runner=runner, keep_work=keep_work)
+            result = build_dataset(cfg, store_url, executor, runner=runner, keep_work=keep_work,
+                                   create_bucket=create_bucket)
+    except BusyError:
+        os.unlink(log_path)
+        raise
     except Exception as exc:
         if hasattr(exc, "args") and exc.args and isinstance(exc.args[0], str):
             exc.args = (f"{exc.args[0]} (datatrove log: {log_path})",) + exc.args[1:]
@@ -124,7 +139,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError("--workers must be >= 1")
     executor = ExecutorConfig(kind=args.executor, workers=args.workers, options=options)
-    run_build(args.config, args.store or default_store(), args.workers, executor, args.keep_work)
+    run_build(args.config, args.store or default_store(), args.workers, executor, args.keep_work,
+              create_bucket=args.create_bucket)
     return 0
 
 
@@ -160,22 +176,34 @@ def print_stats(console: Console, name: str, version: str, manifest: Any) -> Non
 def cmd_ls(args: argparse.Namespace) -> int:
     store = Store(args.store or default_store())
     console = Console()
-    names = store.list_datasets()
-    if not names:
+    datasets = store.scan_datasets()
+    if not datasets:
         console.print(f"no datasets in {store.url}")
         return 0
     table = Table(title=f"datasets in {store.url}")
     for col in ("dataset", "version", "tags", "docs", "tokens", "bytes", "created"):
         table.add_column(col, justify="right" if col in ("docs", "tokens", "bytes") else "left")
-    for name in names:
-        refs = store.load_refs(name)
-        for version in store.list_versions(name):
-            m = store.load_manifest(name, version)
+    damaged: list[str] = []
+    for item in datasets:
+        if item.problem:
+            damaged.append(f"{item.name}: DAMAGED: {item.problem}")
+            table.add_row(item.name, "?", "", "DAMAGED", "", "", "")
+            continue
+        refs = store.load_refs(item.name)
+        for version in item.versions:
             tags = ", ".join(sorted(t for t, v in refs.tags.items() if v == version))
-            table.add_row(name, version, tags, _human(m.n_docs), _human(m.n_tokens), _human(m.nbytes, "B"),
+            try:
+                m = store.load_manifest(item.name, version)
+            except CptError as exc:
+                damaged.append(f"{item.name}@{version}: DAMAGED: {exc}")
+                table.add_row(item.name, version, tags, "DAMAGED", "", "", "")
+                continue
+            table.add_row(item.name, version, tags, _human(m.n_docs), _human(m.n_tokens), _human(m.nbytes, "B"),
                           str(m.build.get("created_at", "")))
     console.print(table)
-    return 0
+    for line in damaged:
+        print(line)
+    return 1 if damaged else 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -210,7 +238,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         report = verify_version(ds, on_bytes=lambda n: progress.advance(task, n))
     if report.ok:
         print(f"{ds.spec}: OK ({report.shards_checked} shards, {report.blocks_checked} blocks, "
-              f"{report.bytes_checked:,} bytes)")
+              f"{report.bytes_checked:,} bytes; {report.files_checked} index/tokenizer files)")
         return 0
     for problem in report.problems:
         print(f"{ds.spec}: CORRUPT: {problem}", file=sys.stderr)
@@ -223,6 +251,37 @@ def cmd_tag(args: argparse.Namespace) -> int:
     store.tag(name, args.tag, version)
     print(f"{name}@{args.tag} -> {version}")
     return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    store = Store(args.store or default_store())
+    report = store.repair(args.name)
+    print(f"{args.name}: refs damage: {report.damaged or 'none found'}")
+    for version in report.registered:
+        print(f"{args.name}: registered {version} from its manifest")
+    for line in report.unreadable:
+        print(f"{args.name}: NOT RECOVERED (damaged manifest): {line}")
+    for version in report.missing:
+        print(f"{args.name}: NOT RECOVERED: {version} is in the refs but its manifest is missing")
+    if report.lost:
+        print(f"{args.name}: NOT RECOVERED: {report.lost}")
+    if not report.changed:
+        print(f"{args.name}: nothing to repair")
+    else:
+        refs = store.load_refs(args.name)
+        print(f"{args.name}: refs rebuilt: {len(refs.versions)} version(s), latest -> {refs.tags.get('latest', 'none')}")
+    return 1 if report.unreadable or report.missing or report.lost else 0
+
+
+def _guarded(func: Any) -> Any:
+    """Run a subcommand with object-store failures (endpoint down, no credentials, access denied)
+    turned into one-line errors."""
+
+    def run(args: argparse.Namespace) -> int:
+        with store_errors(getattr(args, "store", None) or default_store()):
+            return func(args)
+
+    return run
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
