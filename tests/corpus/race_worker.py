@@ -1,0 +1,86 @@
+"""A child process for the race tests: waits for a start signal, then publishes or tags.
+
+    python -m tests.corpus.race_worker publish STORE NAME TOKENIZER SEED BARRIER
+    python -m tests.corpus.race_worker lock STORE_WORK_DIR BARRIER       (holds a build lock until killed)
+    python -m tests.corpus.race_worker cli corpus tag NAME@REF TAG --store URL
+
+``cli`` is ``cpt corpus ...`` with only the corpus subcommands registered (the same command
+functions and one-line error handling as ``cpt``, without importing torch for the trainer's
+subcommands: ten of them at once stay fast on a small machine).
+
+``BARRIER`` is a folder: the worker writes ``ready-<pid>`` there once imported and starts when
+``go`` appears, so all workers hit the store at the same moment.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def wait_for_go(barrier: Path, deadline_s: float = 300.0) -> None:
+    (barrier / f"ready-{os.getpid()}").touch()
+    end = time.monotonic() + deadline_s
+    while not (barrier / "go").exists():
+        if time.monotonic() > end:
+            raise SystemExit("no start signal")
+        time.sleep(0.005)
+
+
+def publish(store: str, name: str, tokenizer: str, seed: int, barrier: Path) -> None:
+    import numpy as np
+
+    from corpus.publish import publish_documents
+    from corpus.shard_set import PackingConfig
+    from corpus.tokenizer import tokenizer_info
+
+    data = Path(tokenizer).read_bytes()
+    info = tokenizer_info(data, tokenizer)
+    rng = np.random.default_rng(seed)
+    docs = [(f"s{seed}-d{i}", rng.integers(0, 200, size=50)) for i in range(20)]
+    wait_for_go(barrier)
+    version = publish_documents(store, name, docs, info, data, PackingConfig(256, 1 << 20))
+    print(version)
+
+
+def hold_lock(work_dir: str, barrier: Path) -> None:
+    from corpus.lock import acquire_build_lock
+    from cpt.fs import open_fs
+
+    fs, path = open_fs(work_dir)
+    acquire_build_lock(fs, path, "a test build")
+    (barrier / "locked").touch()
+    time.sleep(3600)
+
+
+def corpus_cli(argv: list[str]) -> int:
+    import argparse
+
+    from corpus import cli
+    from cpt.errors import CptError
+
+    parser = argparse.ArgumentParser(prog="cpt")
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CptError as exc:
+        print(f"cpt: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str]) -> None:
+    if argv[0] == "cli":
+        raise SystemExit(corpus_cli(argv[1:]))
+    if argv[0] == "publish":
+        publish(argv[1], argv[2], argv[3], int(argv[4]), Path(argv[5]))
+    elif argv[0] == "lock":
+        hold_lock(argv[1], Path(argv[2]))
+    else:
+        raise SystemExit(f"unknown command {argv[0]!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
