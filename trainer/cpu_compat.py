@@ -21,14 +21,26 @@ The known problems (letters as in the trainer issue):
 (h) EP requires ``training.disable_cuda_graphs``                  -> :func:`adapt_config`
 (i) DTensor random init on CPU fills every rank's shard identically (experts become copies)
                                                                   -> ``trainer.init_guard``
+(j) ``models/common/moe.py`` ``GroupedExperts.forward`` casts tokens and expert weights to bf16
+    for its grouped-matmul seam ``GroupedExperts._grouped_mm`` (-> ``torch._grouped_mm``); CPU
+    bf16 matmuls run ~40x slower than fp32 and differ from the dense FFN's fp32 numerics
+                                                                  -> fp32 experts
+    (:func:`install_fp32_experts`: the seam upcasts to fp32 and returns the caller's dtype;
+    ``forward`` runs under a torch-function mode that makes its ``.bfloat16()`` casts of fp32
+    tensors no-ops, so the seam gets the fp32 tensors themselves; both are wrappers of
+    torchtitan's own functions, kept as ``__wrapped__``; :func:`stock_grouped_experts` puts
+    torchtitan's back for a ``with`` block, e.g. to benchmark its bf16 path)
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
 import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +134,93 @@ def _set_pg_timeouts_cpu(timeout: Any, parallel_dims: Any) -> None:
         dist.barrier()
 
 
+def keep_float32_mode_class() -> type:
+    """(j): a ``TorchFunctionMode`` under which ``t.bfloat16()`` on a float32 tensor returns
+    ``t`` itself (same values, same autograd node); every other call runs unchanged. Built on
+    demand so that importing this module does not import torch."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class KeepFloat32(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                               kwargs: dict | None = None) -> Any:
+            kwargs = kwargs or {}
+            if (func is torch.Tensor.bfloat16 and not kwargs and len(args) == 1
+                    and args[0].dtype == torch.float32):
+                return args[0]
+            return func(*args, **kwargs)
+
+    return KeepFloat32
+
+
+def fp32_grouped_mm(original: Callable[..., Any]) -> Callable[..., Any]:
+    """(j): ``GroupedExperts._grouped_mm`` computing in float32: operands upcast to fp32 (a
+    no-op for the fp32 tensors :func:`fp32_experts_forward` passes), torchtitan's own seam
+    (``torch._grouped_mm``) on them, the result in ``A``'s dtype (what the caller expects)."""
+
+    @functools.wraps(original)
+    def _grouped_mm(self: Any, *, A: Any, B_t: Any, offs: Any) -> Any:
+        import torch
+
+        out = original(self, A=A.to(torch.float32), B_t=B_t.to(torch.float32), offs=offs)
+        return out.to(A.dtype)
+
+    _grouped_mm.cpu_fp32 = True  # type: ignore[attr-defined]
+    return _grouped_mm
+
+
+def fp32_experts_forward(original: Callable[..., Any]) -> Callable[..., Any]:
+    """(j): ``GroupedExperts.forward`` run under :func:`keep_float32_mode_class`'s mode: its
+    bf16 casts of fp32 tokens/weights become no-ops, so its matmuls (and SiLU/product) stay in
+    fp32."""
+    keep_float32 = keep_float32_mode_class()
+
+    @functools.wraps(original)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with keep_float32():
+            return original(self, *args, **kwargs)
+
+    forward.cpu_fp32 = True  # type: ignore[attr-defined]
+    return forward
+
+
+def install_fp32_experts() -> bool:
+    """(j): install the fp32 wrappers on torchtitan's ``GroupedExperts`` (class attributes
+    ``forward`` and ``_grouped_mm`` of ``torchtitan.models.common.moe``). Idempotent; called by
+    :func:`apply` (so never with CUDA). Returns True when it installed them now."""
+    from torchtitan.models.common.moe import GroupedExperts
+
+    if getattr(GroupedExperts.forward, "cpu_fp32", False):
+        return False
+    GroupedExperts._grouped_mm = fp32_grouped_mm(GroupedExperts._grouped_mm)
+    GroupedExperts.forward = fp32_experts_forward(GroupedExperts.forward)
+    return True
+
+
+def fp32_experts_installed() -> bool:
+    from torchtitan.models.common.moe import GroupedExperts
+
+    return bool(getattr(GroupedExperts.forward, "cpu_fp32", False))
+
+
+@contextmanager
+def stock_grouped_experts() -> Iterator[None]:
+    """(j): torchtitan's own ``GroupedExperts.forward``/``_grouped_mm`` (its bf16 path) inside
+    the block, the fp32 wrappers again after it (a no-op when they are not installed)."""
+    from torchtitan.models.common.moe import GroupedExperts
+
+    if not fp32_experts_installed():
+        yield
+        return
+    fp32_forward, fp32_mm = GroupedExperts.forward, GroupedExperts._grouped_mm
+    GroupedExperts.forward = fp32_forward.__wrapped__
+    GroupedExperts._grouped_mm = fp32_mm.__wrapped__
+    try:
+        yield
+    finally:
+        GroupedExperts.forward, GroupedExperts._grouped_mm = fp32_forward, fp32_mm
+
+
 def apply() -> bool:
     """Patch torchtitan for CPU when no CUDA device is present. Idempotent.
     Returns True when the CPU adaptations are active."""
@@ -148,6 +247,7 @@ def apply() -> bool:
             module.device_module = cpu_module  # (b)
     tt_metrics.DeviceMemoryMonitor.__init__.__defaults__ = ("cpu:0",)
     tt_dist_utils.set_pg_timeouts = _set_pg_timeouts_cpu  # (d)
+    install_fp32_experts()  # (j)
     _APPLIED.append(True)
     return True
 
