@@ -38,9 +38,16 @@ DEFAULTS: dict[str, Any] = {
     "metrics": {"log_freq": 1, "tensorboard": False},
     "run": {"output_dir": "runs/default", "run_id": "", "name": "", "phase": "pretrain",
             "parent_run_dir": "", "parent_step": -1, "load_optimizer": False,
-            "init_from_full": True, "fail_at_step": 0},
+            "init_from_full": True, "fail_at_step": 0, "trust_checkpoint": False},
 }
 
+# The type of the keys whose default is None (null = "auto"); every other key has its default's type.
+NULLABLE_TYPES: dict[str, type] = {
+    "model.aux_loss_coeff": float, "model.z_loss_coeff": float, "model.route_norm": bool,
+    "model.vocab_size": int, "schedule.decay_ratio": float,
+}
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               list: "a list"}
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any], path: str = "") -> dict[str, Any]:
@@ -54,8 +61,30 @@ def _merge(base: dict[str, Any], update: dict[str, Any], path: str = "") -> dict
                 raise ConfigError(f"config key {where!r} must be a mapping")
             out[key] = _merge(base[key], value, where + ".")
         else:
-            out[key] = value
+            out[key] = _typed(where, base[key], value)
     return out
+
+
+def _typed(key: str, default: Any, value: Any) -> Any:
+    """``value`` if it has the type of ``key`` (its default's, or :data:`NULLABLE_TYPES`; a
+    float key also takes an integer or a numeric string such as YAML's ``1e-4``), else one
+    :class:`ConfigError` line naming the key and the expected type."""
+    want = NULLABLE_TYPES.get(key) if default is None else type(default)
+    if want is None or (default is None and value is None):
+        return value
+    if want is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        expected = _TYPE_NAMES.get(want, want.__name__) + (" or null" if default is None else "")
+        raise ConfigError(f"config key {key!r} must be {expected}, not {value!r} "
+                          f"({type(value).__name__})")
+    return value
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -92,8 +121,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
         cfg = _merge(cfg, loaded)
     for text in overrides:
         cfg = _merge(cfg, parse_override(text))
+    _check_lists(cfg)
     validate(cfg)
     return cfg
+
+
+def _check_lists(cfg: dict[str, Any]) -> None:
+    weights = cfg["data"]["weights"]
+    if not all(isinstance(w, int | float) and not isinstance(w, bool) for w in weights):
+        raise ConfigError(f"config key 'data.weights' must be a list of numbers, not {weights!r}")
 
 
 def validate(cfg: dict[str, Any]) -> None:
@@ -227,7 +263,8 @@ def to_trainer_config(cfg: dict[str, Any]) -> Any:
                       parent_step=int(run["parent_step"]),
                       load_optimizer=bool(run["load_optimizer"]),
                       init_from_full=bool(run["init_from_full"]),
-                      fail_at_step=int(run["fail_at_step"])),
+                      fail_at_step=int(run["fail_at_step"]),
+                      trust_checkpoint=bool(run["trust_checkpoint"])),
         evaluation=EvalConfig(interval=int(cfg["eval"]["interval"]),
                               samples_per_source=int(cfg["eval"]["samples_per_source"]),
                               batch_size=int(cfg["eval"]["batch_size"]),
