@@ -66,6 +66,37 @@ def check_run_inputs(output_dir: str | Path, phase: str, parent_run_dir: str,
     return {}
 
 
+def checkpoint_to_load(output_dir: str | Path, phase: str, parent_run_dir: str, parent_step: int = -1,
+                       checkpoint_folder: str = CHECKPOINT_FOLDER) -> tuple[Path, int, Path] | None:
+    """``(step folder, step, run folder whose record vouches for it)`` of the checkpoint this run
+    will load: its own latest (resume), or the parent's ``parent_step`` (latest if -1) for a new
+    CPT phase; None if it loads none."""
+    own = Path(output_dir) / checkpoint_folder
+    if is_resume(output_dir, checkpoint_folder):
+        step = latest_step(own)
+        return own / f"step-{step}", step, Path(output_dir)
+    if phase == "cpt" and parent_run_dir and Path(parent_run_dir).is_dir():
+        folder = Path(parent_run_dir) / checkpoint_folder
+        step = parent_step if parent_step >= 0 else latest_step(folder)
+        if step >= 0 and (folder / f"step-{step}").is_dir():
+            return folder / f"step-{step}", step, Path(parent_run_dir)
+    return None
+
+
+def check_checkpoint(output_dir: str | Path, phase: str, parent_run_dir: str, parent_step: int = -1,
+                     checkpoint_folder: str = CHECKPOINT_FOLDER, *, trust: bool = False) -> int:
+    """Refuse (``UntrustedCheckpointError``) a checkpoint to load that the run record of the run
+    which wrote it does not vouch for (``trainer.checkpoint_trust``); returns its step (-1: none)."""
+    from trainer.checkpoint_trust import verify_checkpoint
+
+    found = checkpoint_to_load(output_dir, phase, parent_run_dir, parent_step, checkpoint_folder)
+    if found is None:
+        return -1
+    path, step, run_dir = found
+    verify_checkpoint(path, step, read_run_record(run_dir), run_dir / "run.json", trust=trust)
+    return step
+
+
 def recorded_blend(record: dict[str, Any]) -> dict[str, Any]:
     """The resolved mixer blend a run record holds (``{}`` if the run was not mixer-fed)."""
     data = record.get("data") or {}

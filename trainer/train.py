@@ -38,7 +38,7 @@ from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
 from cpt.errors import ConfigError
-from trainer import cpu_compat, init_guard
+from trainer import checkpoint_trust, cpu_compat, init_guard, signals
 from trainer.attention import DocumentSDPA, document_causal_mask
 from trainer.data import rebase_positions
 from trainer.evaluation import (
@@ -49,6 +49,7 @@ from trainer.evaluation import (
     routing_saturation,
 )
 from trainer.lineage import (
+    check_checkpoint,
     check_recorded_inputs,
     is_resume,
     latest_step,
@@ -70,6 +71,7 @@ class RunConfig:
     load_optimizer: bool = False  # cpt: also restore the parent's optimizer state
     init_from_full: bool = True  # seeded unsharded init (guards the CPU DTensor init bug)
     fail_at_step: int = 0  # testing: exit abruptly right after this step
+    trust_checkpoint: bool = False  # DANGEROUS: load a checkpoint its run.json does not vouch for
 
 
 @dataclass
@@ -103,6 +105,13 @@ class CptTrainer(Trainer):
             self._setup_resume(config)
         if config.run.phase == "cpt":
             self._setup_cpt(config)
+        trusted = check_checkpoint(config.dump_folder, config.run.phase, config.run.parent_run_dir,
+                                   config.run.parent_step, config.checkpoint.folder,
+                                   trust=config.run.trust_checkpoint)  # before anything unpickles
+        if self._resuming:
+            config.checkpoint.load_step = trusted  # exactly the checked one
+        self._preempt = signals.PreemptionRequest().install()  # SIGUSR1: checkpoint + requeue
+        self._digests: dict[str, dict[str, str]] = {}
         super().__init__(config)
         model = self.model_parts[0]
         if config.run.init_from_full:  # also when resuming: the checkpoint overwrites it
@@ -348,11 +357,33 @@ class CptTrainer(Trainer):
             "tokens_per_source": dict(zip(self.dataloader.source.source_names,
                                           (int(x) for x in self._tokens_per_source), strict=True)),
             "checkpoints": sorted(set(previous.get("checkpoints", [])) | set(self._checkpoints)),
+            checkpoint_trust.DIGEST_KEY: {**previous.get(checkpoint_trust.DIGEST_KEY, {}),
+                                          **self._digests},
             "experts_distinct_after_init": self.experts_distinct,
             "val_loss_at_start": self._val_at_start,
             "cpu_compat": not cpu_compat.cuda_present(),
         }
         write_run_record(self._out, record)
+
+    def _saved_checkpoint(self) -> None:
+        """A checkpoint of this step was written: rank 0 digests its files for run.json."""
+        self._checkpoints.append(self.step)
+        if _rank() == 0:
+            step_dir = self._out / self.config.checkpoint.folder / f"step-{self.step}"
+            self._digests[str(self.step)] = checkpoint_trust.saved_digests(step_dir)
+
+    def _stop_preempted(self, start_step: int) -> None:
+        """SIGUSR1 (Slurm's pre-timeout signal, trainer/signals.py): checkpoint this step,
+        record the run as preempted, requeue the Slurm job."""
+        if self.step not in self._checkpoints and self.checkpointer.save(self.step, last_step=True):
+            self._saved_checkpoint()
+        self._write_record(start_step, "preempted")
+        if _rank() == 0:
+            requeued = signals.requeue_job()
+            logger.warning(f"preempted at step {self.step}: checkpoint written"
+                           + (", Slurm job requeued" if requeued else ""))
+        if self._tb:
+            self._tb.close()
 
     # ---- the loop ------------------------------------------------------------------------
     def train(self) -> None:  # noqa: C901 - mirrors torchtitan's loop
@@ -412,7 +443,7 @@ class CptTrainer(Trainer):
             window.append(step_record)
             self._append_jsonl("steps.jsonl", step_record)
             if self.checkpointer.save(self.step, last_step=(self.step == cfg.training.steps)):
-                self._checkpoints.append(self.step)
+                self._saved_checkpoint()
             is_last = self.step == cfg.training.steps
             if is_last or (cfg.evaluation.interval and self.step % cfg.evaluation.interval == 0):
                 result = self._evaluate()
@@ -427,6 +458,9 @@ class CptTrainer(Trainer):
                 )
             if cfg.run.fail_at_step and self.step == cfg.run.fail_at_step:
                 os._exit(17)  # simulated crash: no cleanup, no final checkpoint
+            if self._preempt.agreed(self.device):
+                self._stop_preempted(start_step)
+                return
         self._write_record(start_step, "finished")
         if self._tb:
             self._tb.close()

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 import torch
 
 from cpt.errors import CptError
+from trainer import output_lock, signals
 from trainer.config import load_config, to_trainer_config
+
+
+def tie_to_torchrun() -> None:
+    """Under torchrun (which starts workers in their own sessions): die when torchrun dies, and
+    at once if it (or the ``cpt train`` that started it) is gone already."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    parent = os.getppid()
+    launcher = os.environ.get("CPT_LAUNCHER_PID")
+    orphaned = parent == 1 or (launcher is not None and signals.parent_of(parent) != int(launcher))
+    if orphaned:
+        os._exit(137)
+    signals.die_with_parent(parent)
 
 
 def run_worker(config_path: str | None, overrides: Sequence[str]) -> int:
@@ -17,9 +32,19 @@ def run_worker(config_path: str | None, overrides: Sequence[str]) -> int:
 
     from trainer import cpu_compat
 
+    tie_to_torchrun()
     cpu_compat.apply()  # before any torchtitan component reads the device type
     init_logger()
     cfg = load_config(config_path, list(overrides))
+    lock = output_lock.acquire(cfg["run"]["output_dir"]) if os.environ.get("RANK", "0") == "0" else None
+    try:
+        return _train(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: dict) -> int:
     trainer_config = to_trainer_config(cfg)
     trainer = trainer_config.build()
     finished = False
