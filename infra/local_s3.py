@@ -7,6 +7,9 @@ through :class:`LocalS3`. Point any command at it with::
            AWS_SECRET_ACCESS_KEY=test AWS_DEFAULT_REGION=us-east-1
 
 moto keeps objects in memory: a restarted server starts empty (tests re-upload what they need).
+
+``python -m infra.local_s3`` stops its moto child on SIGTERM, SIGINT and SIGHUP, and the child is
+tied to it with ``PR_SET_PDEATHSIG`` (it dies even when the parent is killed with SIGKILL).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+
+from trainer.signals import child_preexec
 
 DEFAULT_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "test",
@@ -37,9 +42,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 class LocalS3:
     """A moto S3 server in a child process, bound to loopback."""
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1"):
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", die_with_parent: bool = False):
+        """``die_with_parent``: the server dies when the process (thread) that started it exits."""
         self.host = host
         self.port = port or free_port(host)
+        self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -56,6 +63,7 @@ class LocalS3:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=child_preexec(os.getpid()) if self.die_with_parent else None,  # noqa: PLW1509
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -90,12 +98,22 @@ class LocalS3:
         self.stop()
 
 
+def _stop_on(server: LocalS3, signals: tuple[int, ...]) -> None:
+    def handler(signum: int, frame: object) -> None:
+        server.stop()
+        sys.exit(0)
+    for sig in signals:
+        signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a local S3 endpoint (moto) in the foreground.")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=9000)
     args = parser.parse_args(argv)
-    server = LocalS3(args.port, args.host).start()
+    server = LocalS3(args.port, args.host, die_with_parent=True)
+    _stop_on(server, (signal.SIGTERM, signal.SIGHUP))
+    server.start()
     print(f"S3 endpoint on {server.endpoint_url}; use it with:")
     for k, v in server.env().items():
         print(f"  export {k}={v}")
