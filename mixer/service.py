@@ -10,6 +10,7 @@ exactly. Endpoints, wire format, security and metrics: docs/service.md; frames: 
 from __future__ import annotations
 
 import hmac
+import io
 import ipaddress
 import json
 import logging
@@ -47,7 +48,10 @@ class ServiceConfig:
     token: str | None = None  # shared secret (Authorization: Bearer ...); required off loopback
     max_body_bytes: int = 16 << 10  # POST bodies larger than this get 413
     max_clients: int = 256  # concurrent sample streams; more get 503
-    request_timeout_s: float = 10.0  # to receive a request (headers + body)
+    max_connections: int | None = None  # open connections = handler threads (None: max_clients + 64)
+    request_timeout_s: float = 10.0  # deadline to receive a whole request (line, headers, body)
+    evict_after_s: float = 1.0  # at the bound, the oldest connection still sending its request
+    #                             for longer than this is dropped for a new one (else 503)
     send_timeout_s: float = 300.0  # a client that reads nothing for this long is dropped
     flush_bytes: int = 256 << 10  # frames are sent in writes of about this size ...
     flush_interval_s: float = 0.01  # ... or after this long, whichever comes first
@@ -168,11 +172,13 @@ class MixService:
             "token_bits": [16 if u else 32 for u in self.u16],
         }).encode()
         handler = type("MixHandler", (_Handler,), {"service": self, "timeout": self.config.request_timeout_s})
+        limit = self.config.max_connections or self.config.max_clients + 64
         try:
             server_cls = _Server6 if ":" in self.config.host else _Server
             self.server = server_cls((self.config.host, self.config.port), handler)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror or exc}") from exc
+        self.server.connections = _Connections(limit, self.config.evict_after_s, self.metrics)
         self._thread: threading.Thread | None = None
 
     @property
@@ -321,13 +327,80 @@ def _int_field(req: dict[str, Any], key: str, default: int) -> int:
     return v
 
 
+_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+         b"Content-Length: 34\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+         b"too many connections; retry later\n")
+
+
+class _Connections:
+    """The open connections, one handler thread each, at most ``limit``. A connection still
+    sending its request is evictable once it is ``evict_after_s`` old: at the bound, a new
+    connection takes the place of the oldest such one (a slow client cannot crowd out the
+    fast); if there is none, the new one gets a 503 from the accept thread, without a thread."""
+
+    def __init__(self, limit: int, evict_after_s: float, metrics: ServiceMetrics):
+        self.limit, self.evict_after_s, self.metrics = limit, evict_after_s, metrics
+        self.lock = threading.Lock()
+        self.open: set[Any] = set()
+        self.reading: dict[Any, float] = {}  # connection -> accepted at (monotonic), until read
+
+    def admit(self, conn: Any) -> bool:
+        victim = None
+        with self.lock:
+            if len(self.open) >= self.limit:
+                now = time.monotonic()
+                oldest = min(self.reading.items(), key=lambda kv: kv[1], default=None)
+                if oldest is None or now - oldest[1] < self.evict_after_s:
+                    return False
+                victim = oldest[0]
+                self.open.discard(victim)
+                self.reading.pop(victim)
+            self.open.add(conn)
+            self.reading[conn] = time.monotonic()
+        if victim is not None:
+            try:
+                victim.shutdown(socket.SHUT_RDWR)  # its thread's read ends; it closes and exits
+            except OSError:
+                pass
+        return True
+
+    def request_read(self, conn: Any) -> None:
+        with self.lock:
+            self.reading.pop(conn, None)
+
+    def release(self, conn: Any) -> None:
+        with self.lock:
+            self.open.discard(conn)
+            self.reading.pop(conn, None)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    request_queue_size = 128  # listen backlog: bursts of connects wait for accept, not SYN retries
+    connections: _Connections
 
     def handle_error(self, request: Any, client_address: Any) -> None:  # no traceback soup
         log.exception("mixer service: unhandled error for %s", client_address)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.connections.admit(request):
+            self.connections.metrics.request("other", 503)
+            try:
+                request.setblocking(False)  # the accept thread never waits on a client
+                request.send(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release(request)
 
 
 class _Server6(_Server):
@@ -338,6 +411,24 @@ class _ClientGone(Exception):
     pass
 
 
+class _DeadlineReader(io.RawIOBase):
+    """Reads from a socket that fail once ``deadline`` (monotonic) has passed: the time limit is
+    for the whole request, not for each read (a client sending a byte a second is cut off)."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock, self.deadline = sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request deadline passed")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buf)
+
+
 class _Handler(BaseHTTPRequestHandler):
     service: MixService
     server_version = "cpt-mixer/1"
@@ -345,6 +436,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)
+
+    def setup(self) -> None:
+        super().setup()
+        deadline = time.monotonic() + self.service.config.request_timeout_s
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, deadline))
+
+    def _request_read(self) -> None:
+        """The whole request is in: this connection is no longer evictable."""
+        self.server.connections.request_read(self.request)
 
     # ---- plumbing ----------------------------------------------------------------------------
     def _endpoint(self) -> str:
@@ -377,6 +477,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, fn: Any) -> None:
         try:
+            if self.command != "POST":
+                self._request_read()
             fn()
         except HttpError as exc:
             self._reply(exc.status, exc.message + "\n",
@@ -456,6 +558,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path != "/v1/samples":
             raise HttpError(404 if path not in ENDPOINTS else 405, f"no POST endpoint {path[:100]}")
         body = self._read_body()
+        self._request_read()
         rank, world, state, worker, max_samples = svc.parse_samples_request(body)
         with svc.metrics.lock:
             if svc.metrics.active >= svc.config.max_clients:
