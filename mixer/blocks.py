@@ -12,6 +12,7 @@ import fcntl
 import logging
 import mmap
 import os
+import stat
 import struct
 import threading
 import time
@@ -27,7 +28,7 @@ import xxhash
 
 from corpus.reader import BlockRef, DatasetVersion
 from corpus.shards import decode_block_into
-from cpt.errors import CptError, IntegrityError
+from cpt.errors import ConfigError, CptError, IntegrityError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -156,12 +157,22 @@ def decode_tok(buf: mmap.mmap | bytes, dtype: np.dtype, verify: bool) -> tuple[n
     return tokens, doc_ends
 
 
+def check_private_dir(path: Path) -> None:
+    """Refuse a cache folder that another user could write to (decoded copies carry only their
+    own digest, which a writer can recompute): it must be ours and not group/world-writable."""
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"mixer cache folder {path} can be written by other users (owner uid {st.st_uid}, "
+                          f"mode {stat.filemode(st.st_mode)}); use a private folder (chmod 700)")
+
+
 class DiskCache:
     """Raw (compressed) block bytes under ``dir``, bounded by ``max_bytes`` (LRU by mtime)."""
 
     def __init__(self, directory: str, max_bytes: int):
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_private_dir(self.dir)
         self.max_bytes = max_bytes
         self._approx = self._scan_total()
         self._lock = threading.Lock()
@@ -250,7 +261,7 @@ class DiskCache:
         if len(data) > self.max_bytes:
             return
         p = self.path(version, ref)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._write(p, (data,), len(data))
 
     def _write(self, p: Path, parts: Iterable[bytes | memoryview], nbytes: int) -> None:
@@ -285,7 +296,7 @@ class DiskCache:
 
     def lock(self, version: str, ref: BlockRef) -> _FileLock:
         p = self.path(version, ref)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         return _FileLock(p.with_suffix(".lock"))
 
     def usage(self) -> int:
@@ -298,7 +309,7 @@ class _FileLock:
         self.fd = -1
 
     def __enter__(self) -> _FileLock:
-        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 
