@@ -1,6 +1,12 @@
 """``python -m trainer.bench`` (``make bench-train``): our trainer vs torchtitan's own qwen3 MoE
 debug model, same size, same synthetic data, same machine; prints tokens/s, step time and the
-data-wait fraction of each, and the ratio (target >= 0.95, data wait < 1%)."""
+data-wait fraction of each, and the ratio (target >= 0.95, data wait < 1%).
+
+Both jobs call ``trainer.cpu_compat.apply()`` and both models' routed experts are torchtitan's
+``GroupedExperts`` class, so on CPU both run its grouped matmuls in fp32 (cpu_compat (j)): the
+ratio compares like with like. After it, the fp32-vs-bf16 experts table of
+:mod:`trainer.bench_experts` (``--experts-only``: just that; ``--no-experts``: just the
+trainer comparison)."""
 
 from __future__ import annotations
 
@@ -51,7 +57,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2,
                    help="runs per trainer, interleaved A B B A ...; the best run counts "
                         "(robust to other load on a shared machine)")
+    p.add_argument("--experts-only", action="store_true",
+                   help="only the fp32-vs-bf16 grouped experts table (trainer.bench_experts)")
+    p.add_argument("--no-experts", action="store_true",
+                   help="only the trainer comparison, without the experts table")
+    from trainer import bench_experts
+
+    bench_experts.add_arguments(p, prefix="experts-")
     args = p.parse_args(argv)
+    if not args.experts_only:
+        trainer_comparison(args)
+    if not args.no_experts:
+        bench_experts.run(args, prefix="experts-")
+    return 0
+
+
+def _experts_path() -> str:
+    from trainer import cpu_compat
+
+    if cpu_compat.cuda_present():
+        return "torchtitan's own (bf16) in both jobs (CUDA: cpu_compat changes nothing)"
+    return "fp32 in both jobs (cpu_compat (j): the same patched GroupedExperts class)"
+
+
+def trainer_comparison(args: argparse.Namespace) -> None:
+    """Our trainer vs torchtitan's (the ratio); prints the table."""
     order = args.order.split(",")
     schedule: list[str] = []
     for i in range(args.repeats):
@@ -79,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['data_wait_pct']:>13.3f}")
     print(f"ratio ours/torchtitan: {ratio:.3f} (target >= 0.95); "
           f"data wait {ours['data_wait_pct']:.3f}% (target < 1%)")
-    return 0
+    print(f"grouped experts: {_experts_path()}")
 
 
 if __name__ == "__main__":

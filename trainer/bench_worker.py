@@ -9,6 +9,9 @@
 * ``ours``: :class:`trainer.train.CptTrainer` with the ``tt_debug_moe`` flavor (same shape),
   the aux-loss-free router (torchtitan's routing) and the same data/optimizer settings.
 
+Both call :func:`trainer.cpu_compat.apply` first, so on CPU both models' routed experts (the
+same torchtitan ``GroupedExperts`` class) run their grouped matmuls in fp32 (cpu_compat (j)).
+
 Rank 0 writes the per-step metrics (tokens/s, step time, data-wait %) to ``OUT.json``.
 """
 
