@@ -22,12 +22,26 @@ from cpt.errors import CptError, NotFoundError, StoreError
 from cpt.hashing import sha256_hex
 
 
+def s3_retry_options(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """s3fs options with retries in one layer: botocore makes one attempt per request (unless
+    ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` say otherwise) and s3fs's own retry loop is off;
+    callers retry with jittered exponential backoff (``mixer.blocks.retry_call``, docs/reliability.md)."""
+    env = os.environ if env is None else env
+    if "AWS_MAX_ATTEMPTS" in env or "AWS_RETRY_MODE" in env:
+        return {}
+    return {"config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 1}}}
+
+
 def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return ``(filesystem, path)`` for a local path, ``file://`` or ``s3://`` URL."""
+    s3 = url.startswith(("s3://", "s3a://"))
     try:
-        return url_to_fs(url)
+        fs, path = url_to_fs(url, **(s3_retry_options() if s3 else {}))
     except ImportError as exc:  # e.g. s3fs missing
         raise CptError(f"cannot open {url!r}: {exc}") from exc
+    if s3:
+        fs.retries = 1  # s3fs's own retry loop (a class attribute): one attempt
+    return fs, path
 
 
 def join(base: str, *parts: str) -> str:

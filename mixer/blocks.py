@@ -12,6 +12,7 @@ import fcntl
 import logging
 import mmap
 import os
+import random
 import stat
 import struct
 import threading
@@ -44,8 +45,8 @@ class CacheConfig:
     prefetch_threads: int = 4
     prefetch_samples: int = 256  # how far ahead (in this worker's samples) blocks are fetched
     prefetch_disk_hits: bool = False  # read ahead blocks already in the disk cache too (spare cores)
-    retries: int = 5  # attempts per block before giving up
-    backoff_s: float = 0.2  # first retry delay; doubles each attempt (capped at 5 s)
+    retries: int = 5  # attempts per block before giving up (the only retry layer: cpt.fs.open_fs)
+    backoff_s: float = 0.2  # retry delay ceiling: doubles each attempt (capped at 5 s), full jitter
     verify: bool = True
 
 
@@ -499,10 +500,20 @@ class BlockLoader:
         return raw
 
 
+MAX_BACKOFF_S = 5.0
+
+
+def jittered(ceiling: float, rng: random.Random | None = None) -> float:
+    """A "full jitter" delay, uniform in [0, ``ceiling``] (AWS's recommended backoff: retrying
+    clients spread out instead of hitting a recovering server in lockstep)."""
+    return (rng or random).uniform(0.0, ceiling)
+
+
 def retry_call(fn: Callable[[], T], what: str, retries: int = 5, backoff_s: float = 0.2,
                on_retry: Callable[[], None] | None = None) -> T:
-    """``fn()``, retrying transient errors (exponential backoff, capped at 5 s); after ``retries``
-    attempts, or on a permanent error, a :class:`CptError` saying what could not be done."""
+    """``fn()``, retrying transient errors (exponential backoff with full jitter: the n-th wait is
+    uniform in [0, min(5 s, backoff_s x 2^(n-1))]); after ``retries`` attempts, or on a permanent
+    error, a :class:`CptError` saying what could not be done."""
     delay = backoff_s
     attempts = max(1, retries)
     last: BaseException | None = None
@@ -518,8 +529,9 @@ def retry_call(fn: Callable[[], T], what: str, retries: int = 5, backoff_s: floa
             if attempt < attempts:
                 if on_retry:
                     on_retry()
+                wait = jittered(delay)
                 log.warning("cannot %s (%s), retry %d/%d in %.1fs", what, type(exc).__name__,
-                            attempt, attempts - 1, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                            attempt, attempts - 1, wait)
+                time.sleep(wait)
+                delay = min(delay * 2, MAX_BACKOFF_S)
     raise CptError(f"cannot {what} after {attempts} attempts: {type(last).__name__}: {last}")

@@ -31,6 +31,7 @@ from torch.utils.data import get_worker_info
 from corpus.store import parse_ref
 from cpt.errors import ConfigError, CptError
 from mixer import wire
+from mixer.blocks import jittered
 from mixer.contract import BlendDataset
 from mixer.schedule import MixPoint
 from mixer.spec import BlendSpec, ResolvedBlend, blend_from_json, load_spec_file, parse_spec
@@ -44,7 +45,7 @@ class ClientConfig:
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 300.0  # no byte for this long: the connection is treated as dropped
     retry_s: float = 120.0  # give up when no server answered for this long
-    backoff_s: float = 0.1  # first reconnect delay; doubles, capped at max_backoff_s
+    backoff_s: float = 0.1  # first reconnect delay ceiling; doubles, capped at max_backoff_s; full jitter
     max_backoff_s: float = 5.0
 
 
@@ -319,7 +320,8 @@ class ServiceMixedDataset(BlendDataset):
 
 
 class _Backoff:
-    """Exponential backoff bounded in total time; the clock starts at the first failure."""
+    """Exponential backoff with full jitter (each wait uniform in [0, the doubling ceiling]),
+    bounded in total time; the clock starts at the first failure."""
 
     def __init__(self, config: ClientConfig, url: str):
         self.config, self.url = config, url
@@ -339,6 +341,6 @@ class _Backoff:
             detail = str(exc).splitlines()[0][:200] if str(exc) else ""
             raise CptError(f"mixer service {self.url} is unreachable: gave up after {now - self.since:.1f}s and "
                            f"{self.attempts} attempts ({type(exc).__name__}: {detail})") from None
-        time.sleep(self.delay)
+        time.sleep(jittered(self.delay))
         self.delay = min(self.delay * 2, self.config.max_backoff_s)
 
