@@ -78,3 +78,13 @@ def test_executor_options_build_datatrove_executors(kind: str, options: str, tmp
     executor = make_executor(stage, plan, ExecutorConfig(kind=kind, options=opts))
     assert type(executor).__name__ == {"slurm": "SlurmPipelineExecutor", "ray": "RayPipelineExecutor"}[kind]
     assert executor.world_size == 4
+
+
+def test_slurm_script_asks_for_the_pre_timeout_signal_that_the_trainer_handles() -> None:
+    """SIGUSR1 before the time limit; torchrun must ignore it (the workers checkpoint and requeue:
+    tests/trainer/test_process_lifetime.py sends the real signal to a real training)."""
+    from trainer.signals import PREEMPT_SIGNAL
+
+    text = (INFRA / "slurm" / "train.sbatch").read_text()
+    assert f"--signal={PREEMPT_SIGNAL.name.removeprefix('SIG')}@" in text and "#SBATCH --requeue" in text
+    assert """trap "" USR1; exec "$@\"""" in text
