@@ -1,6 +1,6 @@
 """A child process for the race tests: waits for a start signal, then publishes or tags.
 
-    python -m tests.corpus.race_worker publish STORE NAME TOKENIZER SEED BARRIER
+    python -m tests.corpus.race_worker publish STORE NAME TOKENIZER SEED BARRIER   (waits just before registering)
     python -m tests.corpus.race_worker lock STORE_WORK_DIR BARRIER       (holds a build lock until killed)
     python -m tests.corpus.race_worker cli corpus tag NAME@REF TAG --store URL
 
@@ -8,8 +8,10 @@
 functions and one-line error handling as ``cpt``, without importing torch for the trainer's
 subcommands: ten of them at once stay fast on a small machine).
 
-``BARRIER`` is a folder: the worker writes ``ready-<pid>`` there once imported and starts when
-``go`` appears, so all workers hit the store at the same moment.
+``BARRIER`` is a folder (for ``cli``: ``$RACE_BARRIER``): the worker writes ``ready-<pid>`` there
+once imported and starts when ``go`` appears, so all workers hit the store at the same moment.
+``$RACE_READ_DELAY_S`` makes every read of a local file that much slower (a slow or network
+disk), which widens any read-modify-write window the store code may have.
 """
 
 from __future__ import annotations
@@ -18,6 +20,22 @@ import os
 import sys
 import time
 from pathlib import Path
+
+
+def slow_local_reads() -> None:
+    delay = float(os.environ.get("RACE_READ_DELAY_S") or 0)
+    if not delay:
+        return
+    from fsspec.implementations.local import LocalFileSystem
+
+    original = LocalFileSystem._open
+
+    def _open(self, path, mode="rb", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if "r" in mode:
+            time.sleep(delay)
+        return original(self, path, mode, *args, **kwargs)
+
+    LocalFileSystem._open = _open  # type: ignore[method-assign]
 
 
 def wait_for_go(barrier: Path, deadline_s: float = 300.0) -> None:
@@ -34,13 +52,20 @@ def publish(store: str, name: str, tokenizer: str, seed: int, barrier: Path) -> 
 
     from corpus.publish import publish_documents
     from corpus.shard_set import PackingConfig
+    from corpus.store import Store
     from corpus.tokenizer import tokenizer_info
 
     data = Path(tokenizer).read_bytes()
     info = tokenizer_info(data, tokenizer)
     rng = np.random.default_rng(seed)
     docs = [(f"s{seed}-d{i}", rng.integers(0, 200, size=50)) for i in range(20)]
-    wait_for_go(barrier)
+    register = Store.register_version
+
+    def register_together(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        wait_for_go(barrier)  # every worker has its files in place: all register at once
+        return register(self, *args, **kwargs)
+
+    Store.register_version = register_together  # type: ignore[method-assign]
     version = publish_documents(store, name, docs, info, data, PackingConfig(256, 1 << 20))
     print(version)
 
@@ -64,6 +89,11 @@ def corpus_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cpt")
     cli.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
+    import corpus.store  # noqa: F401 - everything the command needs is imported before the start signal
+    import cpt.fs  # noqa: F401
+
+    if os.environ.get("RACE_BARRIER"):
+        wait_for_go(Path(os.environ["RACE_BARRIER"]))
     try:
         return int(args.func(args) or 0)
     except CptError as exc:
@@ -72,6 +102,7 @@ def corpus_cli(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> None:
+    slow_local_reads()
     if argv[0] == "cli":
         raise SystemExit(corpus_cli(argv[1:]))
     if argv[0] == "publish":

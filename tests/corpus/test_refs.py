@@ -39,6 +39,24 @@ def _store_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str
     return request.getfixturevalue("s3_bucket") + "/store"
 
 
+def _go(barrier: Path, procs: list[subprocess.Popen]) -> None:
+    """Start the waiting workers together (once all are ready, or one has died)."""
+    deadline = time.monotonic() + DEADLINE_S
+    while (len(list(barrier.glob("ready-*"))) < len(procs) and time.monotonic() < deadline
+           and all(p.poll() is None for p in procs)):
+        time.sleep(0.05)
+    (barrier / "go").touch()
+
+
+def _race_env(barrier: Path | None = None, read_delay_s: float = 0.05) -> dict[str, str]:
+    """Workers on a slow disk (each local file read delayed) started together: any
+    read-modify-write of the refs would lose updates."""
+    env = {**os.environ, "RACE_READ_DELAY_S": str(read_delay_s)}
+    if barrier is not None:
+        env["RACE_BARRIER"] = str(barrier)
+    return env
+
+
 def _wait_all(procs: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
     out = []
     for p in procs:
@@ -52,11 +70,15 @@ def test_ten_concurrent_tag_commands_keep_every_tag(kind: str, tmp_path: Path, t
                                                    request: pytest.FixtureRequest) -> None:
     store = _store_url(kind, tmp_path, request)
     version = _publish(store, "d", tokenizer_path, 0)
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
     # `cpt corpus tag` (corpus subcommands only, see race_worker.corpus_cli), ten processes at once
     procs = [subprocess.Popen([sys.executable, "-m", "tests.corpus.race_worker", "cli", "corpus", "tag", "d@latest",
                                f"t{i}", "--store", store],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_race_env(barrier))
              for i in range(10)]
+    _go(barrier, procs)
     results = _wait_all(procs)
     assert [rc for rc, _, _ in results] == [0] * 10, [err[-2000:] for _, _, err in results]
     refs = Store(store).load_refs("d")
@@ -72,12 +94,10 @@ def test_eight_concurrent_publishes_keep_every_version(kind: str, tmp_path: Path
     barrier.mkdir()
     procs = [subprocess.Popen([sys.executable, "-m", "tests.corpus.race_worker", "publish", store, "d",
                                str(tokenizer_path), str(seed), str(barrier)],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_race_env(read_delay_s=0.3))
              for seed in range(8)]
-    deadline = time.monotonic() + DEADLINE_S
-    while len(list(barrier.glob("ready-*"))) < 8 and time.monotonic() < deadline and all(p.poll() is None for p in procs):
-        time.sleep(0.05)
-    (barrier / "go").touch()
+    _go(barrier, procs)
     results = _wait_all(procs)
     assert [rc for rc, _, _ in results] == [0] * 8, [err[-2000:] for _, _, err in results]
     published = {out.strip().splitlines()[-1] for _, out, _ in results}
