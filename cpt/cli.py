@@ -21,6 +21,7 @@ STAGE_CLI_MODULES: tuple[str, ...] = (
     "trainer.cli",
     "cpt.runs_cli",
     "cpt.bench_cli",
+    "trainer.study.cli",
 )
 
 
