@@ -34,6 +34,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print {record, lineage} as JSON")
     p.set_defaults(func=cmd_show)
 
+    p = rsub.add_parser("compare", help="draw the curves of runs side by side (val loss per source, "
+                        "train loss) and print their final values",
+                        description="RUN is a run id of the store's catalog or a run's output folder. "
+                        "Curves are read from each run's folder, one row per step (resumed segments "
+                        "deduplicated).")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--store", default=None, help=help_store)
+    p.add_argument("--out", default="compare.png", help="the figure (PNG; default compare.png)")
+    p.add_argument("--json", action="store_true", help="print the curves as JSON")
+    p.set_defaults(func=cmd_compare)
+
 
 def _steps(record: dict[str, Any]) -> str:
     start, end = record.get("start_step"), record.get("end_step")
@@ -57,10 +68,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("run id", "phase", "parent", "status", "steps", "datasets@versions", "started", box=None)
+    table = Table("run id", "name", "phase", "parent", "status", "steps", "datasets@versions", "started",
+                  box=None)
     for r in records:
-        table.add_row(r.run_id, r.phase, r.parent_run_id or "-", r.status or "-", _steps(r.record),
-                      _datasets(r), r.first_event_at)
+        table.add_row(r.run_id, str(r.record.get("name") or "-"), r.phase, r.parent_run_id or "-",
+                      r.status or "-", _steps(r.record), _datasets(r), r.first_event_at)
     Console(width=200).print(table)
     return 0
 
@@ -124,3 +136,87 @@ def _print_node(node: LineageNode) -> None:
     for u in uses:
         epochs = f", {u.epochs:.3f} epochs" if u.epochs is not None else ""
         print(f"{indent}  {u.source}: {u.spec}  {u.tokens:,} tokens{epochs}  [{u.store}]")
+
+
+def _run_folder(run: str, catalog: RunCatalog | None) -> tuple[str, str]:
+    """``(label, folder)`` of RUN: an existing run folder (holding run.json), else a run id of
+    the catalog whose recorded ``config.run.output_dir`` is its folder."""
+    from pathlib import Path
+
+    from cpt.errors import NotFoundError
+
+    if (Path(run) / "run.json").exists():
+        return run, run
+    check_run_id(run)
+    if catalog is None:
+        raise NotFoundError(f"{run!r} is neither a run folder nor a run id")
+    rec = catalog.get(run).record
+    folder = str(((rec.get("config") or {}).get("run") or {}).get("output_dir") or "")
+    if not folder or not (Path(folder) / "run.json").exists():
+        raise NotFoundError(f"run {run}: its output folder {folder or '(not recorded)'} is not "
+                            "readable here")
+    return str(rec.get("name") or run), folder
+
+
+def compare_curves(folders: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Per run: label, folder, eval curve (``val_loss/<source>`` per step) and train loss per
+    step, one row per step."""
+    from trainer.study import curves
+
+    out = []
+    for label, folder in folders:
+        rec = curves.run_record(folder)
+        evals = curves.eval_rows(folder)
+        sources = sorted({k.split("/", 1)[1] for r in evals for k in r if k.startswith("val_loss/")})
+        out.append({
+            "label": label, "folder": folder, "run_id": rec.get("run_id", ""),
+            "phase": rec.get("phase", ""), "status": rec.get("status", ""),
+            "val_loss": {s: [[int(r["step"]), float(r[f"val_loss/{s}"])] for r in evals
+                             if f"val_loss/{s}" in r] for s in sources},
+            "train_loss": [[int(r["step"]), float(r["loss"])] for r in curves.step_rows(folder)
+                           if isinstance(r.get("loss"), int | float)],
+        })
+    return out
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    needs_catalog = any(not (Path(r) / "run.json").exists() for r in args.runs)
+    catalog = RunCatalog(args.store or _default_store()) if needs_catalog else None
+    runs = compare_curves([_run_folder(r, catalog) for r in args.runs])
+    if args.json:
+        sys.stdout.write(json.dumps(runs, sort_keys=True) + "\n")
+    else:
+        for r in runs:
+            finals = ", ".join(f"{s} {v[-1][1]:.4f}" for s, v in r["val_loss"].items() if v) or "-"
+            steps = r["train_loss"][-1][0] if r["train_loss"] else 0
+            print(f"{r['label']}  ({r['phase'] or '-'}, {r['status'] or '-'}, {steps} steps)  "
+                  f"final val loss: {finals}")
+    _draw_compare(runs, args.out)
+    print(f"figure: {args.out}")
+    return 0
+
+
+def _draw_compare(runs: list[dict[str, Any]], out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources = sorted({s for r in runs for s in r["val_loss"]})
+    panels = ["train loss"] + [f"val loss/{s}" for s in sources]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for r in runs:
+            pts = r["train_loss"] if panel == "train loss" else r["val_loss"].get(panel.split("/", 1)[1], [])
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, marker="" if panel == "train loss" else "o", ms=3, label=r["label"])
+        ax.set_title(panel)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)

@@ -132,7 +132,7 @@ def config_for(spec: StudySpec, data: PinnedData, variant: Variant, kind: str, s
                      "global_batch_size": spec.global_batch_size, "seed": variant.seed},
         "optimizer": dict(spec.optimizer),
         "schedule": schedule_for(spec, kind),
-        "parallel": {"nproc": nproc, "ep": 1},
+        "parallel": {"nproc": nproc, "ep": expert_parallel(variant.flavor, nproc)},
         "checkpoint": {"enable": True, "interval": interval, "keep_latest_k": 2},
         "eval": {"interval": interval, "samples_per_source": spec.eval.samples_per_source,
                  "batch_size": spec.eval.batch_size},
@@ -143,6 +143,17 @@ def config_for(spec: StudySpec, data: PinnedData, variant: Variant, kind: str, s
     if kind == "cpt":
         cfg["run"]["parent_run_dir"] = parent_dir
     return _merge(cfg, spec.overrides)
+
+
+def expert_parallel(flavor: str, nproc: int) -> int:
+    """The largest EP degree dividing both the routed experts and the processes (1 for dense;
+    the granular flavors' 31 experts give 1: FSDP only)."""
+    import math
+
+    from trainer.models import SHAPES
+
+    shape = SHAPES[flavor]
+    return math.gcd(shape.num_experts, nproc) if shape.is_moe else 1
 
 
 def study_dir(spec: StudySpec) -> Path:

@@ -40,6 +40,7 @@ class Study:
     plans: list[RunPlan]
     study_id: str
     root: Path
+    offline: bool = False  # prepared without opening the data: no run catalog is written
 
     def plan(self, key: str) -> RunPlan:
         return next(p for p in self.plans if p.key == key)
@@ -83,7 +84,7 @@ def prepare(spec: StudySpec, *, write: bool = True, offline: bool = False) -> St
         data = PinnedData(d["a"], d["b"], d["tokenizer_sha256"], int(d["vocab_size"]))
     plans = derive_runs(spec, data)
     check_configs(plans)
-    study = Study(spec, data, plans, previous.get("study_id") or new_run_id(), root)
+    study = Study(spec, data, plans, previous.get("study_id") or new_run_id(), root, offline)
     if write:
         for p in plans:
             _write_if_changed(Path(p.blend_path), yaml.safe_dump(p.blend, sort_keys=False))
@@ -126,7 +127,8 @@ def write_study_record(study: Study, status: str, states: dict[str, dict[str, An
         "wall_s": wall,
     }
     _write_if_changed(study.root / STUDY_RECORD, json.dumps(record, indent=1, sort_keys=True))
-    _catalog_event(study, record)
+    if not study.offline:
+        _catalog_event(study, record)
     return record
 
 
