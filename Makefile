@@ -7,7 +7,7 @@ BENCH_STAMP := .venv-bench/.installed
 STORE ?= data/store
 WORKERS ?= 2
 
-.PHONY: help venv shards test test-fast lint bench bench-corpus bench-mixer bench-train s3 clean
+.PHONY: help venv shards study test test-fast lint bench bench-corpus bench-mixer bench-train s3 clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -24,6 +24,12 @@ venv: $(STAMP) ## create .venv with everything installed
 
 shards: $(STAMP) ## build the embedded demo datasets (prose, code) into ./data/store
 	$(PY) -m cpt.cli corpus demo --store $(STORE) --workers $(WORKERS)
+
+STUDY ?= trainer/configs/study/demo.yaml
+study: $(STAMP) ## run the demo study (prose -> code, docs/study.md) on the demo store; prints where its report is
+	@$(PY) -m cpt.cli corpus show prose@latest --store $(STORE) >/dev/null 2>&1 && \
+	  $(PY) -m cpt.cli corpus show code@latest --store $(STORE) >/dev/null 2>&1 || $(MAKE) shards
+	$(PY) -m cpt.cli study $(STUDY)
 
 test: $(STAMP) ## run the whole test suite (slow end-to-end tests included)
 	$(PY) -m pytest -q tests
