@@ -141,3 +141,30 @@ def test_dry_run_prints_every_command_and_config(tmp_path: Path, store: str,
     assert out.count("\n## micro/") == 8 and out.count("-m trainer ") == 8
     assert "(after dense/pretrain)" in out and "replay: seen" in out
     assert not (tmp_path / "s").exists()  # a dry run writes nothing
+
+
+def test_progress_shows_state_step_and_eta(tmp_path: Path, store: str) -> None:
+    import io
+    import json as _json
+    import time
+
+    from trainer.study.runner import Lane, Progress, run_states
+
+    study = prepare(load_study(write_study(tmp_path / "micro.yaml", micro_study(store, tmp_path / "s"))))
+    assert {v["state"] for v in run_states(study).values()} == {"queued"}
+    plan = study.plans[0]
+    Path(plan.output_dir).mkdir(parents=True)
+    (Path(plan.output_dir) / "steps.jsonl").write_text(
+        "".join(_json.dumps({"step": s}) + "\n" for s in (1, 2)) + '{"step": 3, "lo')  # torn tail
+    lane = Lane(plan, proc=None, log=None, started=time.monotonic() - 10.0, start_step=0)  # type: ignore[arg-type]
+    states = {p.key: "queued" for p in study.plans} | {plan.key: "running"}
+    stream = io.StringIO()
+    progress = Progress(study, stream)
+    rows = progress.rows(states, {plan.key: lane})
+    name, state, detail = rows[0]
+    assert name == "micro/dense/pretrain" and state == "running"
+    assert detail.startswith("step 2/8, ETA ") and 25 <= float(detail.split("ETA ")[1].split()[0]) <= 40
+    progress.update(states, {plan.key: lane})
+    out = stream.getvalue()
+    assert "[study] micro/dense/pretrain: running" in out and "[study] micro/dense/cpt-r0: queued" in out
+    assert "0 done, 1 running, 7 queued, 0 failed; micro/dense/pretrain: step 2/8" in out

@@ -168,6 +168,8 @@ class Progress:
     stream: IO[str] = field(default_factory=lambda: sys.stdout)
     live: Any = None
     last: dict[str, str] = field(default_factory=dict)
+    every_s: float = 30.0  # without a terminal: the running runs' steps and ETAs this often
+    last_line: float = 0.0
 
     def __post_init__(self) -> None:
         if self.stream.isatty():
@@ -208,7 +210,14 @@ class Progress:
             if self.last.get(name) != state:
                 self.last[name] = state
                 self.stream.write(f"[study] {name}: {state}\n")
-                self.stream.flush()
+        now = time.monotonic()
+        if lanes and now - self.last_line >= self.every_s:
+            self.last_line = now
+            counts = {s: list(states.values()).count(s) for s in ("done", "running", "queued", "failed")}
+            self.stream.write(f"[study] {counts['done']} done, {counts['running']} running, "
+                              f"{counts['queued']} queued, {counts['failed']} failed; "
+                              + "; ".join(f"{n}: {d}" for n, st, d in rows if st == "running") + "\n")
+        self.stream.flush()
 
     def close(self) -> None:
         if self.live is not None:
