@@ -98,10 +98,12 @@ class LocalS3:
         self.stop()
 
 
-def _stop_on(server: LocalS3, signals: tuple[int, ...]) -> None:
+def _exit_on(signals: tuple[int, ...]) -> None:
+    """Turn ``signals`` into ``SystemExit``: the ``finally`` of :func:`main` stops the child.
+    (Stopping it inside the handler could deadlock: the handler runs on top of the interrupted
+    ``Popen.wait``, which holds the process's wait lock.)"""
     def handler(signum: int, frame: object) -> None:
-        server.stop()
-        sys.exit(0)
+        raise SystemExit(0)
     for sig in signals:
         signal.signal(sig, handler)
 
@@ -112,15 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=9000)
     args = parser.parse_args(argv)
     server = LocalS3(args.port, args.host, die_with_parent=True)
-    _stop_on(server, (signal.SIGTERM, signal.SIGHUP))
-    server.start()
-    print(f"S3 endpoint on {server.endpoint_url}; use it with:")
-    for k, v in server.env().items():
-        print(f"  export {k}={v}")
-    print("create a bucket: python -c \"import s3fs; s3fs.S3FileSystem().mkdir('mybucket')\"")
+    _exit_on((signal.SIGTERM, signal.SIGHUP))
     try:
+        server.start()
+        print(f"S3 endpoint on {server.endpoint_url}; use it with:")
+        for k, v in server.env().items():
+            print(f"  export {k}={v}")
+        print("create a bucket: python -c \"import s3fs; s3fs.S3FileSystem().mkdir('mybucket')\"")
         server.proc.wait()
     except KeyboardInterrupt:
+        pass
+    finally:
         server.stop()
     return 0
 
