@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Iterable, Iterator
-from typing import BinaryIO
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 import orjson
 import zstandard
@@ -38,62 +39,50 @@ def _raw_chunks(f: BinaryIO) -> Iterator[bytes]:
         yield chunk
 
 
-def _gunzip(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Every gzip member of the stream, decompressed; ValueError if it is not gzip or ends inside
-    a member (a truncated file)."""
-    d = zlib.decompressobj(wbits=31)
+@dataclass(frozen=True)
+class _Codec:
+    name: str  # as in messages: "gzip", "zstd"
+    unit: str  # a gzip "member", a zstd "frame"
+    decoder: Callable[[], Any]  # a fresh decompressobj for the next member/frame
+    error: type[Exception]
+
+
+_GZIP = _Codec("gzip", "compressed member", lambda: zlib.decompressobj(wbits=31), zlib.error)
+_ZSTD = _Codec("zstd", "frame", lambda: zstandard.ZstdDecompressor().decompressobj(),
+               zstandard.ZstdError)
+
+
+def _decode_all(chunks: Iterable[bytes], codec: _Codec) -> Iterator[bytes]:
+    """Every member/frame of the stream, decompressed; ValueError if it is not ``codec`` or
+    ends inside a member/frame (a truncated file)."""
+    d = codec.decoder()
     started = False
     for chunk in chunks:
         while chunk:
             started = True
             try:
                 out = d.decompress(chunk)
-            except zlib.error as exc:
-                raise ValueError(f"not a valid gzip stream ({exc})") from exc
+            except codec.error as exc:
+                raise ValueError(f"not a valid {codec.name} stream ({exc})") from exc
             if out:
                 yield out
             if d.eof:
                 chunk = d.unused_data
-                d = zlib.decompressobj(wbits=31)
+                d = codec.decoder()
                 started = False
             else:
                 chunk = b""
     if started:
-        raise ValueError("truncated gzip stream (it ends inside a compressed member)")
-
-
-def _unzstd(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Every zstd frame of the stream, decompressed; ValueError if it is not zstd or ends inside
-    a frame (a truncated file)."""
-    dctx = zstandard.ZstdDecompressor()
-    d = dctx.decompressobj()
-    started = False
-    for chunk in chunks:
-        while chunk:
-            started = True
-            try:
-                out = d.decompress(chunk)
-            except zstandard.ZstdError as exc:
-                raise ValueError(f"not a valid zstd stream ({exc})") from exc
-            if out:
-                yield out
-            if d.eof:
-                chunk = d.unused_data
-                d = dctx.decompressobj()
-                started = False
-            else:
-                chunk = b""
-    if started:
-        raise ValueError("truncated zstd stream (it ends inside a frame)")
+        raise ValueError(f"truncated {codec.name} stream (it ends inside a {codec.unit})")
 
 
 def decompressed(f: BinaryIO, compression: str | None) -> Iterator[bytes]:
     """The decompressed bytes of ``f`` in chunks, strict about truncation and corruption."""
     chunks = _raw_chunks(f)
     if compression == "gzip":
-        return _gunzip(chunks)
+        return _decode_all(chunks, _GZIP)
     if compression == "zstd":
-        return _unzstd(chunks)
+        return _decode_all(chunks, _ZSTD)
     return chunks
 
 
