@@ -19,7 +19,6 @@ taking over the same stale lock only one succeeds.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -32,7 +31,14 @@ from typing import Any
 
 from corpus.refs import writer_identity
 from cpt.errors import BusyError
-from cpt.fs import ObjectExistsError, is_local, unstrip_protocol, write_once
+from cpt.fs import (
+    ObjectExistsError,
+    is_local,
+    try_flock,
+    unstrip_protocol,
+    write_holder,
+    write_once,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +106,11 @@ class BuildLock:
     def _acquire_local(self) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read_local(fd)
-                os.close(fd)
-                raise BusyError(f"{self.what} is in progress {describe_holder(holder)} (lock {self.path}); "
-                                "wait for it to finish, then rerun") from None
+            fd, holder = try_flock(self.path)
+            if fd is None:
+                info = _parse_holder(holder)
+                raise BusyError(f"{self.what} is in progress {describe_holder(info)} (lock {self.path}); "
+                                "wait for it to finish, then rerun")
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -115,9 +118,7 @@ class BuildLock:
             if same:
                 break
             os.close(fd)  # the holder released and unlinked it meanwhile: lock the new file
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder_info()).encode(), 0)
-        os.fsync(fd)
+        write_holder(fd, json.dumps(holder_info()))
         self._fd = fd
 
     # ---- object store --------------------------------------------------------------------
@@ -191,11 +192,12 @@ class BuildLock:
                 pass
 
 
-def _read_local(fd: int) -> dict[str, Any]:
+def _parse_holder(text: bytes) -> dict[str, Any]:
     try:
-        return json.loads(os.pread(fd, 65536, 0) or b"{}")
+        info = json.loads(text or b"{}")
     except ValueError:
         return {}
+    return info if isinstance(info, dict) else {}
 
 
 def acquire_build_lock(fs: Any, work_dir: str, what: str) -> BuildLock:

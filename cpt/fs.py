@@ -227,3 +227,29 @@ def store_errors(url: str) -> Iterator[None]:
                 raise StoreError(message) from exc
             chain = chain.__cause__ or chain.__context__
         raise
+
+
+def try_flock(path: str | os.PathLike[str], mode: int = 0o644) -> tuple[int | None, bytes]:
+    """Open (create) ``path`` and take an exclusive, non-blocking ``flock`` on it: ``(fd, b"")``,
+    or ``(None, what the current holder wrote into the file)`` when another process holds it.
+    The kernel drops the lock when the holder's descriptor closes, however it dies."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 65536, 0)
+        except OSError:
+            holder = b""
+        os.close(fd)
+        return None, holder
+    return fd, b""
+
+
+def write_holder(fd: int, text: str) -> None:
+    """Replace the content of a held lock file with ``text`` (who holds it), durably."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, text.encode(), 0)
+    os.fsync(fd)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cpt.errors import CptError
+from cpt.fs import try_flock, write_holder
 
 LOCK_FILE = ".cpt-train.lock"
 
@@ -43,10 +44,18 @@ class OutputLock:
 
 def _holder(fd: int) -> str:
     try:
-        text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        return _who(os.pread(fd, 4096, 0))
     except OSError:
-        text = ""
-    return text or "an unknown process"
+        return _who(b"")
+
+
+def _who(text: bytes) -> str:
+    return text.decode("utf-8", "replace").strip() or "an unknown process"
+
+
+def _in_use(folder: str | Path, who: str) -> OutputInUseError:
+    return OutputInUseError(f"output dir {folder} is in use by another training run ({who}); "
+                            "stop it first or pick another run.output_dir")
 
 
 def acquire(output_dir: str | Path) -> OutputLock:
@@ -55,17 +64,11 @@ def acquire(output_dir: str | Path) -> OutputLock:
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder(fd)
-        os.close(fd)
-        raise OutputInUseError(f"output dir {folder} is in use by another training run "
-                               f"({holder}); stop it first or pick another run.output_dir") from None
+    fd, holder = try_flock(path)
+    if fd is None:
+        raise _in_use(folder, _who(holder))
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
+    write_holder(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n")
     return OutputLock(path, fd)
 
 
@@ -79,7 +82,6 @@ def check_free(output_dir: str | Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise OutputInUseError(f"output dir {output_dir} is in use by another training run "
-                               f"({_holder(fd)}); stop it first or pick another run.output_dir") from None
+        raise _in_use(output_dir, _holder(fd)) from None
     finally:
         os.close(fd)
