@@ -256,21 +256,24 @@ def test_missing_bucket_ls_says_so_and_build_needs_create_bucket(s3_server, tmp_
 
 # ---- 4. two identical builds -----------------------------------------------------------------------
 
-def _lock_target(cfg_path: Path, store: str) -> tuple[Store, str]:
+def _lock_target(kind: str, tmp_path: Path, tokenizer_path: Path,
+                 request: pytest.FixtureRequest) -> tuple[str, Path, Store, str]:
+    """A 30-document build config on a local or S3 store: ``(store, config, Store, work dir)``
+    (the work dir is what the build lock guards)."""
+    store = str(tmp_path / "store") if kind == "local" else request.getfixturevalue("s3_bucket") + "/store"
+    write_jsonl(tmp_path / "in" / "a.jsonl", _records(30))
+    cfg_path = write_config(tmp_path / "c.yaml", name="l", inputs=["in"], tokenizer=str(tokenizer_path))
     cfg = load_config(cfg_path)
     tok = read_tokenizer_bytes(cfg.tokenizer)
     key = compute_build_key(cfg, tokenizer_info(tok, cfg.tokenizer, cfg.eos_token), plan_inputs(cfg))
     s = Store(store)
-    return s, s.work_path(cfg.name, key)
+    return store, cfg_path, s, s.work_path(cfg.name, key)
 
 
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_a_second_identical_build_refuses_naming_the_first(kind: str, tmp_path: Path, tokenizer_path: Path,
                                                           request: pytest.FixtureRequest) -> None:
-    store = str(tmp_path / "store") if kind == "local" else request.getfixturevalue("s3_bucket") + "/store"
-    write_jsonl(tmp_path / "in" / "a.jsonl", _records(30))
-    cfg_path = write_config(tmp_path / "c.yaml", name="l", inputs=["in"], tokenizer=str(tokenizer_path))
-    s, work = _lock_target(cfg_path, store)
+    store, cfg_path, s, work = _lock_target(kind, tmp_path, tokenizer_path, request)
     with acquire_build_lock(s.fs, work, "a test build"):
         res = _cli("corpus", "build", str(cfg_path), "--store", store, "--workers", "1")
         assert res.returncode == 2
@@ -284,10 +287,7 @@ def test_a_second_identical_build_refuses_naming_the_first(kind: str, tmp_path: 
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_a_dead_builders_lock_does_not_block(kind: str, tmp_path: Path, tokenizer_path: Path,
                                              request: pytest.FixtureRequest) -> None:
-    store = str(tmp_path / "store") if kind == "local" else request.getfixturevalue("s3_bucket") + "/store"
-    write_jsonl(tmp_path / "in" / "a.jsonl", _records(30))
-    cfg_path = write_config(tmp_path / "c.yaml", name="l", inputs=["in"], tokenizer=str(tokenizer_path))
-    s, work = _lock_target(cfg_path, store)
+    store, cfg_path, s, work = _lock_target(kind, tmp_path, tokenizer_path, request)
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     url = work if kind == "local" else f"s3://{work}"
