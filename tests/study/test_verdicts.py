@@ -86,7 +86,25 @@ def test_each_claim_fails_when_its_numbers_say_so() -> None:
     assert bal["verdict"] == NOT_REPRODUCED
     assert bal["groups"][0]["value"] == pytest.approx(0.5 / (1 - 0.125))
     # a threshold is a parameter, not a constant: a laxer tolerance accepts the same rise
-    assert routers_stay_balanced(results(mri_rise=0.5), Thresholds(balance_tolerance=0.6))["verdict"] == REPRODUCED
+    lax = Thresholds(balance_tolerance=0.6, balanced_level=0.9)
+    assert routers_stay_balanced(results(mri_rise=0.5), lax)["verdict"] == REPRODUCED
+
+
+def test_a_router_never_balanced_does_not_stay_balanced() -> None:
+    r = results(mri_rise=0.0)
+    for run in r["runs"].values():  # no rise over CPT, but 90% of A's tokens go to one expert
+        if "eval_mri" in run:
+            run["eval_mri"] = {"start": {"A": {"layers.0": 0.9, "layers.1": 0.2}},
+                               "end": {"A": {"layers.0": 0.9, "layers.1": 0.2}}}
+    bal = routers_stay_balanced(r, Thresholds())
+    g = bal["groups"][0]
+    assert g["value"] == pytest.approx(0.0) and g["end"] == pytest.approx((0.9 - 0.125) / (1 - 0.125))
+    assert g["margin"] == pytest.approx(0.5 - g["end"]) and bal["verdict"] == NOT_REPRODUCED
+    # balanced at the end (normalized 0.4 <= 0.5) with no rise: the claim holds
+    for run in r["runs"].values():
+        if "eval_mri" in run:
+            run["eval_mri"]["start"]["A"]["layers.0"] = run["eval_mri"]["end"]["A"]["layers.0"] = 0.475
+    assert routers_stay_balanced(r, Thresholds())["verdict"] == REPRODUCED
 
 
 def test_differences_within_the_seed_spread_are_inconclusive() -> None:

@@ -9,6 +9,7 @@ it without training.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 from pathlib import Path
@@ -65,12 +66,18 @@ def html_table(rows: list[dict[str, Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def group_text(g: dict[str, Any]) -> str:
+    """One compared group of a claim: its value, spread, seeds (and end level where measured)."""
+    end = f", end {g['end']:.4f}" if "end" in g else ""
+    return (f"{g['group']}: {g['value']:+.4f} (spread {g['spread']:.4f}, {g['seeds']} seed(s){end})"
+            f" -> {g['verdict']}")
+
+
 def finding_lines(f: dict[str, Any]) -> list[str]:
     """A claim as text: verdict, what was measured, and each group's numbers."""
     lines = [f"{f['claim']}: **{f['verdict']}**", f"  measured: {f['measure']}"]
     for g in f["groups"]:
-        lines.append(f"  - {g['group']}: {g['value']:+.4f} (spread {g['spread']:.4f}, "
-                     f"{g['seeds']} seed(s)) -> {g['verdict']}")
+        lines.append(f"  - {group_text(g)}")
     if f.get("by_router"):
         lines.append("  by router: " + ", ".join(f"{k}: {v}" for k, v in f["by_router"].items()))
     if not f["groups"]:
@@ -90,8 +97,7 @@ def build_report(study: Study) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     results = collect(study)
     th = Thresholds(**study.spec.thresholds)
-    results["thresholds"] = {"balance_tolerance": th.balance_tolerance,
-                             "close_tolerance": th.close_tolerance}
+    results["thresholds"] = dataclasses.asdict(th)
     results["findings"] = findings(results, th)
     (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     timings = timings_rows(study)
@@ -145,8 +151,7 @@ def _html(study: Study, results: dict[str, Any], timings: list[dict[str, Any]],
     parts.append("<h2>Findings</h2><ul>")
     for f in results["findings"]:
         v = f["verdict"]
-        groups = "".join(f"<li>{e(g['group'])}: {g['value']:+.4f} (spread {g['spread']:.4f}, "
-                         f"{g['seeds']} seed(s)) &rarr; {e(g['verdict'])}</li>" for g in f["groups"])
+        groups = "".join(f"<li>{e(group_text(g)).replace('-&gt;', '&rarr;')}</li>" for g in f["groups"])
         parts.append(f"<li>{e(f['claim'])}: <span class='verdict {_verdict_class(v)}'>{e(v)}</span>"
                      f"<br><small>{e(f['measure'])}</small><ul>{groups or '<li>no runs to compare</li>'}"
                      "</ul></li>")

@@ -294,7 +294,7 @@ def parse_study(data: Any, path: str, text: str = "") -> StudySpec:
     if not isinstance(overrides, dict):
         raise _fail(path, "overrides must be a mapping of run config keys (e.g. {model: {vocab_size: 8192}})")
     thresholds = data.get("thresholds", {}) or {}
-    allowed = {"balance_tolerance", "close_tolerance"}
+    allowed = {"balance_tolerance", "balanced_level", "close_tolerance"}
     if not isinstance(thresholds, dict) or set(thresholds) - allowed:
         raise _fail(path, f"thresholds keys are {', '.join(sorted(allowed))}")
     thresholds = {k: _float(thresholds, k, 0.0, path, 0.0, 1.0) for k in thresholds}

@@ -34,6 +34,7 @@ class Thresholds:
     """What "stays balanced" and "comes close" mean, as numbers."""
 
     balance_tolerance: float = 0.1  # largest rise of the normalized MRI on A over CPT
+    balanced_level: float = 0.5  # largest normalized MRI on A at the end of CPT that is "balanced"
     close_tolerance: float = 0.05  # largest relative gap (CPT - re-train) / re-train val loss
 
 
@@ -81,9 +82,15 @@ def _noise(run: dict[str, Any], sources: list[str]) -> float:
     return float(np.mean(vals)) if vals else 0.0
 
 
+def _normalized_mri(per_layer: dict[str, float], floor: float) -> float:
+    """The busiest layer's MRI on the scale 0 (uniform, ``k/E``) .. 1 (every token to one expert)."""
+    return (max(per_layer.values()) - floor) / (1.0 - floor)
+
+
 def routers_stay_balanced(results: dict[str, Any], th: Thresholds) -> dict[str, Any]:
-    """Per router: the rise of the MRI on A over CPT (end minus start, max over layers),
-    normalized by its range ``1 - k/E``; the claim holds where it stays under the tolerance."""
+    """Per router: the MRI on A over CPT, normalized by its range (``k/E`` -> 0, 1 -> 1), max over
+    layers. The claim holds where its rise over CPT stays under ``balance_tolerance`` *and* it ends
+    at or under ``balanced_level``: a router that was never balanced does not "stay" balanced."""
     a = results["data"]["a_label"]
     groups, per_router = [], {}
     routers = sorted({r["router"] for r in results["runs"].values() if r.get("router")})
@@ -92,26 +99,30 @@ def routers_stay_balanced(results: dict[str, Any], th: Thresholds) -> dict[str, 
         models = sorted({r["model"] for r in _runs(results, router=router, kind="cpt")})
         for model in models:
             for level in results["settings"]["replay"]:
-                diffs, noises = [], []
+                rises, ends, noises = [], [], []
                 for r in _runs(results, model=model, kind="cpt", replay=level):
                     mri = r.get("eval_mri") or {}
                     start, end = (mri.get("start") or {}).get(a), (mri.get("end") or {}).get(a)
                     if not start or not end:
                         continue
-                    span = 1.0 - r["mri_floor"]
+                    floor = r["mri_floor"]
+                    ends.append(_normalized_mri(end, floor))
+                    rises.append(ends[-1] - _normalized_mri(start, floor))
                     m_end = max(end.values())
-                    diffs.append((m_end - max(start.values())) / span)
                     n = max(1, int(r.get("eval_tokens_per_source") or 1))
-                    noises.append(math.sqrt(2 * m_end * (1 - m_end) / n) / span)
-                if diffs:
-                    g = _group(f"{model} r={level:g}", diffs, noises,
-                               lambda v: th.balance_tolerance - v)
+                    noises.append(math.sqrt(2 * m_end * (1 - m_end) / n) / (1.0 - floor))
+                if rises:
+                    end_mean = float(np.mean(ends))
+                    g = _group(f"{model} r={level:g}", rises, noises,
+                               lambda v, e=end_mean: min(th.balance_tolerance - v, th.balanced_level - e))
+                    g["end"] = end_mean
                     groups.append(g)
                     vs.append(g["verdict"])
         per_router[router] = combine(vs)
     return {"claim": "both routers stay balanced on A after CPT",
-            "measure": f"rise of the normalized MRI on A over CPT, (MRI_end - MRI_start) / "
-                       f"(1 - k/E), max over layers; holds below {th.balance_tolerance:g}",
+            "measure": f"normalized MRI on A, (MRI - k/E) / (1 - k/E), max over layers: its rise over "
+                       f"CPT (the value shown) holds below {th.balance_tolerance:g} and its level at the "
+                       f"end of CPT (`end`) at or below {th.balanced_level:g}",
             "groups": groups, "by_router": per_router, "verdict": combine(list(per_router.values()))
             if per_router else NO_DATA}
 
