@@ -13,11 +13,9 @@ building the same key again is a no-op, and the work folder of an interrupted bu
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -191,16 +189,6 @@ class BuildPlan:
         return join(self.work, "logs", stage)
 
 
-def require_executor(kind: str) -> None:
-    """Fail with one line before any work if the chosen executor cannot run on this machine."""
-    if kind == "slurm" and shutil.which("sbatch") is None:
-        raise ConfigError("--executor slurm needs Slurm's `sbatch` on PATH (not found): run the build "
-                          "on a Slurm login node, or use --executor local")
-    if kind == "ray" and importlib.util.find_spec("ray") is None:
-        raise ConfigError("--executor ray needs the 'ray' extra (module 'ray' is not installed): "
-                          "pip install 'moe-cpt[ray]'")
-
-
 def make_executor(stage: Stage, plan: BuildPlan, executor: ExecutorConfig, depends: Any = None) -> Any:
     logging_dir = plan.logging_dir(stage.name)
     if executor.kind == "local":
@@ -310,7 +298,6 @@ def build_dataset(
     The store's bucket must exist unless ``create_bucket``. A second build of the same key while
     one runs raises :class:`~cpt.errors.BusyError` naming it (see :mod:`corpus.lock`)."""
     t0 = time.monotonic()
-    require_executor(executor.kind)
     store = Store(store_url)
     tok_bytes = read_tokenizer_bytes(cfg.tokenizer)
     tok = tokenizer_info(tok_bytes, cfg.tokenizer, cfg.eos_token)

@@ -12,9 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from cpt.codeversion import code_version
 from cpt.errors import CptError
-from cpt.extras import missing_extra
 
 # Stages whose package or cli module is absent are skipped.
 STAGE_CLI_MODULES: tuple[str, ...] = (
@@ -34,7 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
         "continually pre-train MoE models on the blends.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
-    parser.add_argument("--version", action="version", version=f"cpt (moe-cpt) {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in STAGE_CLI_MODULES:
         try:
@@ -48,14 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _version() -> str:
-    info = code_version()
-    commit = info.get("git_commit")
-    if not commit:
-        return str(info["package"])
-    return f"{info['package']} (git {str(commit)[:12]}{', dirty' if info.get('dirty') else ''})"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -67,12 +56,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except CptError as exc:
         print(f"cpt: error: {exc}", file=sys.stderr)
-        return 2
-    except ModuleNotFoundError as exc:
-        err = missing_extra(exc)
-        if err is None:
-            raise
-        print(f"cpt: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cpt: interrupted", file=sys.stderr)
