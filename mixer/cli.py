@@ -69,9 +69,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     from mixer.blocks import CacheConfig
     from mixer.dataset import open_blend
-    from mixer.service import MixService, ServeRecord, ServiceConfig, serve_forever
+    from mixer.service.record import ServeRecord
+    from mixer.service.server import MixService, ServiceConfig, serve_forever
+    from mixer.service.wire import TOKEN_ENV
     from mixer.spec import load_spec_file
-    from mixer.wire import TOKEN_ENV
 
     token = os.environ.get(TOKEN_ENV) or None
     if args.token_file:
@@ -121,7 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=_bench)
     s = mix.add_parser(
         "serve", help="serve a blend over HTTP to trainer ranks (see docs/service.md)",
-        description="Run the mixer as a network service: clients (mixer.client.ServiceMixedDataset) "
+        description="Run the mixer as a network service: clients (mixer.service.client.ServiceMixedDataset) "
         "POST their (rank, world size, state) to /v1/samples and stream their samples as binary frames; "
         "GET /healthz, /metrics (Prometheus), /v1/blend, /v1/validation. Stateless: any replica of the "
         "same blend continues any client. SIGTERM/SIGINT stop it cleanly.")

@@ -1,5 +1,5 @@
 """What the in-process :class:`~mixer.dataset.MixedDataset` and the service client
-:class:`~mixer.client.ServiceMixedDataset` share: the dataset contract the trainer relies on
+:class:`~mixer.service.client.ServiceMixedDataset` share: the dataset contract the trainer relies on
 (source names and versions, ``seq_len``, global batch size, the state API)."""
 
 from __future__ import annotations

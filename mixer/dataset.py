@@ -24,7 +24,7 @@ from corpus.reader import DatasetVersion
 from mixer.blocks import CacheConfig
 from mixer.contract import BlendDataset
 from mixer.spec import ResolvedBlend, blend_from_json, open_sources, resolve
-from mixer.stream import MixStream
+from mixer.stream import MixStream, Worker
 
 
 def open_blend(spec: str | Path | dict[str, Any] | ResolvedBlend) -> tuple[ResolvedBlend, list[DatasetVersion]]:
@@ -79,7 +79,8 @@ class MixedDataset(BlendDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        worker = (info.id, info.num_workers, self.loader_batch_size) if info else (0, 1, self.loader_batch_size)
+        worker = Worker(info.id, info.num_workers, self.loader_batch_size) if info else \
+            Worker(0, 1, self.loader_batch_size)
         stream = self._get_stream()
         try:
             if self.batched:

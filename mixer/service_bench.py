@@ -35,7 +35,7 @@ def _consume(it, samples: int) -> tuple[float, int]:
 
 
 def _client_worker(url: str, rank: int, world: int, samples: int, out: mp.Queue) -> None:
-    from mixer.client import ServiceMixedDataset
+    from mixer.service.client import ServiceMixedDataset
 
     ds = ServiceMixedDataset(url, rank=rank, world_size=world)
     out.put(_consume(iter(ds), samples))
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from mixer.bench import blend_spec, build_store
     from mixer.blocks import CacheConfig
-    from mixer.client import ServiceMixedDataset
     from mixer.dataset import MixedDataset
+    from mixer.service.client import ServiceMixedDataset
     from mixer.spec import resolve
 
     rows: list[tuple[str, float]] = []

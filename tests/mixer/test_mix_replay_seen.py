@@ -21,11 +21,11 @@ from cpt.errors import ConfigError
 from cpt.fs import dumps_canonical
 from cpt.hashing import sha256_hex
 from mixer.blocks import CacheConfig
-from mixer.client import ClientConfig, ServiceMixedDataset
 from mixer.dataset import MixedDataset, open_blend
 from mixer.replay import SeenPacking
 from mixer.schedule import MixPoint, advance, expected_counts
-from mixer.service import MixService, ServiceConfig
+from mixer.service.client import ClientConfig, ServiceMixedDataset
+from mixer.service.server import MixService, ServiceConfig
 from mixer.spec import ALGORITHM, blend_from_json, resolve
 from mixer.stream import MixState, MixStream
 from tests.mixer.mix_helpers import spec

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 
 import mixer.blocks as blocks
-import mixer.client as client
+import mixer.service.client as client
 from cpt.errors import CptError
 from cpt.fs import open_fs, s3_retry_options
-from mixer.client import ClientConfig
+from mixer.service.client import ClientConfig
 
 
 def test_s3_filesystems_leave_retrying_to_the_caller() -> None:

@@ -22,9 +22,10 @@ from hypothesis import strategies as st
 from cpt.errors import ConfigError, CptError
 from cpt.runs import RunCatalog
 from mixer.blocks import CacheConfig
-from mixer.client import ClientConfig, ServiceMixedDataset
 from mixer.dataset import MixedDataset, open_blend
-from mixer.service import MixService, ServiceConfig
+from mixer.service import wire
+from mixer.service.client import ClientConfig, ServiceMixedDataset
+from mixer.service.server import MixService, ServiceConfig
 from mixer.stream import MixState, MixStream
 from tests.mixer.mix_helpers import TcpProxy, publish, spec
 
@@ -427,8 +428,6 @@ def test_kill_9_restart_token_and_server_gone_for_good(blend_dss, tmp_path: Path
 
 def test_wire_positions_round_trip_compact_or_full() -> None:
     """The compact positions (first + document starts) are exact; anything else goes in full."""
-    from mixer import wire
-
     class Src:
         def __init__(self, data: bytes):
             self.data = data

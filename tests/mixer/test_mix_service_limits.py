@@ -24,7 +24,7 @@ import pytest
 
 from mixer.blocks import CacheConfig
 from mixer.dataset import open_blend
-from mixer.service import MixService, ServiceConfig
+from mixer.service.server import MixService, ServiceConfig
 from tests.mixer.mix_helpers import spec
 
 SLOW = 150
