@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,8 +273,6 @@ def test_batches_equal_samples(mix_store: str, parent: Parent) -> None:
 
 def test_dataset_from_the_recorded_blend_needs_no_parent(mix_store: str, parent: Parent, tmp_path: Path) -> None:
     """A resumed run rebuilds from the recorded resolved blend: the parent's run.json is not read."""
-    import shutil
-
     moved = shutil.copytree(parent.dir, tmp_path / "p")
     blend, _ = resolve(cpt_spec(mix_store, moved))
     recorded = json.loads(json.dumps(MixedDataset(blend).describe()))
