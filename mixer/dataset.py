@@ -4,9 +4,10 @@
     loader = torchdata.stateful_dataloader.StatefulDataLoader(
         ds, batch_size=ds.loader_batch_size, num_workers=2)
 
-Each sample is a dict: ``tokens`` and ``positions`` (int64 arrays of ``seq_len + 1``),
-``source`` (index into :attr:`MixedDataset.source_names`) and provenance (``sample``: global
-sample index, ``index``: the source's sample index, ``epoch``, ``shard``, ``block``, ``offset``).
+Each sample is a :class:`~mixer.sample.Sample` dict: ``tokens`` and ``positions`` (int64 arrays
+of ``seq_len + 1``), ``source`` (index into :attr:`MixedDataset.source_names`) and provenance
+(``sample``: global sample index, ``index``: the source's sample index, ``epoch``, ``shard``,
+``block``, ``offset``).
 The stream is the same whatever the number of loader workers, as long as the loader's
 ``batch_size`` equals :attr:`loader_batch_size` (the workers deal chunks of that many samples).
 With ``batched=True`` the dataset yields those chunks already collated (``batch_size=None``).
