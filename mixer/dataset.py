@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch.utils.data import get_worker_info
 
-from corpus.reader import DatasetVersion
-from mixer.blocks import CacheConfig
-from mixer.contract import BlendDataset
-from mixer.spec import ResolvedBlend, blend_from_json, open_sources, resolve
-from mixer.stream import MixStream
+from moe_cpt.mixer.blocks import CacheConfig
+from moe_cpt.mixer.contract import BlendDataset
+from moe_cpt.mixer.spec import ResolvedBlend, blend_from_json, open_sources, resolve
+from moe_cpt.mixer.stream import MixStream
+from moe_cpt.store.reader import DatasetVersion
 
 
 def open_blend(spec: str | Path | dict[str, Any] | ResolvedBlend) -> tuple[ResolvedBlend, list[DatasetVersion]]:

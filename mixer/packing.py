@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cpt.hashing import sha256_hex
+from moe_cpt.hashing import sha256_hex
 
 
 def _seed_words(*parts: int | str) -> list[int]:

@@ -1,8 +1,8 @@
 """``cpt mix serve``: the mixer as an HTTP service that trainer ranks stream their samples from.
 
-The service holds one resolved blend and one :class:`~mixer.blocks.BlockLoader` (disk + memory
+The service holds one resolved blend and one :class:`~moe_cpt.mixer.blocks.BlockLoader` (disk + memory
 cache, read-ahead) shared by all clients. It keeps no per-client state: every ``POST /v1/samples``
-carries the client's :class:`~mixer.stream.MixState`, and since the stream is a pure function of
+carries the client's :class:`~moe_cpt.mixer.stream.MixState`, and since the stream is a pure function of
 (blend, rank, world size, state), any replica serving the same blend continues any client
 exactly. Endpoints, wire format, security and metrics: docs/service.md; frames: mixer/wire.py.
 """
@@ -23,12 +23,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from corpus.reader import DatasetVersion
-from cpt.errors import ConfigError, CptError
-from mixer import wire
-from mixer.blocks import BlockLoader, CacheConfig
-from mixer.spec import ResolvedBlend
-from mixer.stream import MixState, MixStream
+from moe_cpt.errors import ConfigError, CptError
+from moe_cpt.mixer import wire
+from moe_cpt.mixer.blocks import BlockLoader, CacheConfig
+from moe_cpt.mixer.spec import ResolvedBlend
+from moe_cpt.mixer.stream import MixState, MixStream
+from moe_cpt.store.reader import DatasetVersion
 
 log = logging.getLogger(__name__)
 
@@ -679,7 +679,7 @@ class ServeRecord:
             return list(self.service.metrics.tokens)
 
     def update(self, status: str = "running", force: bool = False) -> None:
-        from cpt.runs import record_mix_stream
+        from moe_cpt.mixer.stream_record import record_mix_stream
 
         tokens = self._tokens()
         now = time.monotonic()

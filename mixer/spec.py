@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from corpus.reader import DatasetVersion, open_dataset
-from corpus.store import parse_ref
-from cpt.errors import ConfigError, CptError
-from cpt.fs import absolute_url, dumps_canonical
-from cpt.hashing import sha256_hex
-from mixer.holdout import Holdout, auto_tokens, choose_holdout
-from mixer.replay import REPLAY_MODES, RUN_RECORD, SeenReplay, seen_counts
-from mixer.schedule import Knot, WeightSchedule
+from moe_cpt.errors import ConfigError, CptError
+from moe_cpt.fs import absolute_url, dumps_canonical
+from moe_cpt.hashing import sha256_hex
+from moe_cpt.mixer.holdout import Holdout, auto_tokens, choose_holdout
+from moe_cpt.mixer.replay import REPLAY_MODES, RUN_RECORD, SeenReplay, seen_counts
+from moe_cpt.mixer.schedule import Knot, WeightSchedule
+from moe_cpt.store.object_store import parse_ref
+from moe_cpt.store.reader import DatasetVersion, open_dataset
 
 ALGORITHM = "moe-cpt/mixer-v1"  # bump when the mapping spec -> stream changes
 MAX_SEQ_LEN = 1 << 20
@@ -291,7 +291,7 @@ def open_sources(blend: ResolvedBlend) -> list[DatasetVersion]:
 
 
 def _open(store: str, ref: str, name: str, retries: int = 4) -> DatasetVersion:
-    from mixer.blocks import retry_call
+    from moe_cpt.mixer.blocks import retry_call
 
     try:
         return retry_call(lambda: open_dataset(store, ref), f"open {ref} in {store}", retries)
@@ -300,7 +300,7 @@ def _open(store: str, ref: str, name: str, retries: int = 4) -> DatasetVersion:
 
 
 def _choose_holdout(s: SourceSpec, ds: DatasetVersion, min_train_tokens: int) -> Holdout:
-    from mixer.blocks import retry_call
+    from moe_cpt.mixer.blocks import retry_call
 
     tokens = auto_tokens(ds.manifest.n_tokens) if s.holdout_tokens == "auto" else int(s.holdout_tokens)
     refs = list(ds.block_refs())
@@ -333,7 +333,7 @@ def _read_parent_record(seen_by: str, where: str) -> dict[str, Any]:
     """The parent's ``run.json`` (a local folder or an fsspec URL)."""
     import fsspec
 
-    from cpt.fs import read_json
+    from moe_cpt.fs import read_json
 
     try:
         fs, path = fsspec.core.url_to_fs(seen_by)
@@ -368,7 +368,7 @@ def _parent_step(record: dict[str, Any], want: int | None, where: str) -> int:
 def _check_parent_state(data: dict[str, Any], parent: ResolvedBlend, step: int, counts: tuple[int, ...],
                         where: str) -> None:
     """If the record's mixer state is at ``step``, its counts must be the schedule's."""
-    from mixer.stream import find_states
+    from moe_cpt.mixer.stream import find_states
 
     for st in find_states(data.get("state")):
         if st.get("blend") == parent.fingerprint and st.get("step") == step and \

@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from corpus.reader import BlockRef, DatasetVersion
-from cpt.errors import ConfigError
-from mixer.blocks import BlockLoader, CacheConfig
-from mixer.packing import SourcePacking
-from mixer.replay import SeenPacking, source_packing
-from mixer.schedule import MixPoint, StepPlan, WeightSchedule, plan_step
-from mixer.spec import ResolvedBlend
+from moe_cpt.errors import ConfigError
+from moe_cpt.mixer.blocks import BlockLoader, CacheConfig
+from moe_cpt.mixer.packing import SourcePacking
+from moe_cpt.mixer.replay import SeenPacking, source_packing
+from moe_cpt.mixer.schedule import MixPoint, StepPlan, WeightSchedule, plan_step
+from moe_cpt.mixer.spec import ResolvedBlend
+from moe_cpt.store.reader import BlockRef, DatasetVersion
 
 STATE_VERSION = 1
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cpt.errors import CptError
+from moe_cpt.errors import CptError
 
 WIRE_VERSION = 1  # of the service protocol (GET /v1/blend says which one a server speaks)
 TOKEN_ENV = "CPT_MIX_TOKEN"  # the shared bearer token, for server and clients
