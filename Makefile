@@ -23,13 +23,13 @@ $(STAMP): pyproject.toml
 venv: $(STAMP) ## create .venv with everything installed
 
 shards: $(STAMP) ## build the embedded demo datasets (prose, code) into ./data/store
-	$(PY) -m cpt.cli corpus demo --store $(STORE) --workers $(WORKERS)
+	$(PY) -m moe_cpt.cli corpus demo --store $(STORE) --workers $(WORKERS)
 
 STUDY ?= trainer/configs/study/demo.yaml
 study: $(STAMP) ## run the demo study (prose -> code, docs/study.md) on the demo store; prints where its report is
-	@$(PY) -m cpt.cli corpus show prose@latest --store $(STORE) >/dev/null 2>&1 && \
-	  $(PY) -m cpt.cli corpus show code@latest --store $(STORE) >/dev/null 2>&1 || $(MAKE) shards
-	$(PY) -m cpt.cli study $(STUDY)
+	@$(PY) -m moe_cpt.cli corpus show prose@latest --store $(STORE) >/dev/null 2>&1 && \
+	  $(PY) -m moe_cpt.cli corpus show code@latest --store $(STORE) >/dev/null 2>&1 || $(MAKE) shards
+	$(PY) -m moe_cpt.cli study $(STUDY)
 
 test: $(STAMP) ## run the whole test suite (slow end-to-end tests included)
 	$(PY) -m pytest -q tests
@@ -43,7 +43,7 @@ lint: $(STAMP) ## ruff
 bench: bench-corpus bench-mixer bench-train ## all benchmarks
 
 bench-corpus: $(STAMP) ## tokens/s of the corpus pipeline vs raw tokenizers vs datatrove
-	$(PY) -m cpt.cli bench corpus
+	$(PY) -m moe_cpt.cli bench corpus
 
 # peers of the mixer bench in their own venv: their pins (numpy<2.2, torchvision) stay out of .venv
 $(BENCH_STAMP):
@@ -54,14 +54,14 @@ $(BENCH_STAMP):
 	touch $(BENCH_STAMP)
 
 bench-mixer: $(STAMP) $(BENCH_STAMP) ## mixer tokens/s (warm cache, local S3), resume, RSS, I/O vs MosaicML Streaming, LitData; service vs in-process
-	$(PY) -m mixer.bench --peers
-	$(PY) -m mixer.service_bench
+	$(PY) -m moe_cpt.bench.mixer_bench --peers
+	$(PY) -m moe_cpt.bench.service_bench
 
 bench-train: $(STAMP) ## tokens/s of our trainer vs torchtitan's qwen3 MoE debug model
-	$(PY) -m trainer.bench
+	$(PY) -m moe_cpt.bench.train_bench
 
 s3: $(STAMP) ## start a local S3 endpoint on 127.0.0.1:9000 (foreground)
-	$(PY) -m infra.local_s3 --port 9000
+	$(PY) -m moe_cpt.infra.local_s3 --port 9000
 
 clean: ## remove build outputs (keeps .venv)
 	rm -rf data/store data/work .pytest_cache

@@ -1,8 +1,8 @@
-"""Peers for `cpt mix bench --peers`: MosaicML Streaming and LitData on the same tokens.
+"""Peers for `cpt bench mixer --peers`: MosaicML Streaming and LitData on the same tokens.
 
 Runs in .venv-bench (their pins stay out of the project venv). ``prepare`` writes the very
 windows our mixer delivered (``windows.npy``: one uint16 row of seq_len + 1 tokens per sample,
-saved by mixer/bench.py) in each peer's format on local disk, zstd-compressed like our blocks.
+saved by bench/mixer_bench.py) in each peer's format on local disk, zstd-compressed like our blocks.
 ``read SYSTEM`` then times, in this process pinned to one core, the same consumer as ours: each
 sample arrives as an array of seq_len + 1 tokens, every 64 are collated into one int64 torch
 tensor ``[64, seq_len + 1]``; one untimed pass warms the cache, the median of the timed passes

@@ -1,8 +1,2 @@
-"""corpus: raw documents -> cleaned, deduplicated, tokenized, versioned shards in an object store.
-
-Library entry point: :func:`open_dataset`.
-"""
-
-from corpus.reader import BlockRef, DatasetVersion, open_dataset
-
-__all__ = ["BlockRef", "DatasetVersion", "open_dataset"]
+"""corpus: raw documents -> cleaned, deduplicated, tokenized shards, published as a version in the
+store (:mod:`moe_cpt.store`, whose :func:`~moe_cpt.store.open_dataset` reads them back)."""

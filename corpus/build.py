@@ -23,21 +23,21 @@ from typing import Any
 
 from datatrove.pipeline.base import PipelineStep
 
-from corpus.cleaning import MinCharsFilter, UnicodeNormalizer
-from corpus.config import DEFAULT_GLOBS, DatasetConfig, ExecutorConfig
-from corpus.dedup import DedupPlan
-from corpus.lock import acquire_build_lock
-from corpus.manifest import Manifest, TokenizerInfo
-from corpus.publish import publish_version
-from corpus.readers import StrictJsonlReader, StrictParquetReader, TextFileReader
-from corpus.shards import ShardRecord
-from corpus.store import Store
-from corpus.tokenize_step import TokenizeToShards
-from corpus.tokenizer import read_tokenizer_bytes, tokenizer_info
-from cpt.codeversion import code_version
-from cpt.errors import ConfigError, CptError, InputDataError
-from cpt.fs import dumps_canonical, join, open_fs, unstrip_protocol
-from cpt.hashing import sha256_hex
+from moe_cpt.codeversion import code_version
+from moe_cpt.corpus.cleaning import MinCharsFilter, UnicodeNormalizer
+from moe_cpt.corpus.config import DEFAULT_GLOBS, DatasetConfig, ExecutorConfig
+from moe_cpt.corpus.dedup import DedupPlan
+from moe_cpt.corpus.lock import acquire_build_lock
+from moe_cpt.corpus.publish import publish_version
+from moe_cpt.corpus.readers import StrictJsonlReader, StrictParquetReader, TextFileReader
+from moe_cpt.corpus.tokenize_step import TokenizeToShards
+from moe_cpt.corpus.tokenizer import read_tokenizer_bytes, tokenizer_info
+from moe_cpt.errors import ConfigError, CptError, InputDataError
+from moe_cpt.fs import dumps_canonical, join, open_fs, unstrip_protocol
+from moe_cpt.hashing import sha256_hex
+from moe_cpt.store.manifest import Manifest, TokenizerInfo
+from moe_cpt.store.object_store import Store
+from moe_cpt.store.shard_format import ShardRecord
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def build_dataset(
     """Build and publish ``cfg`` into the store; a no-op if this exact build was published.
 
     The store's bucket must exist unless ``create_bucket``. A second build of the same key while
-    one runs raises :class:`~cpt.errors.BusyError` naming it (see :mod:`corpus.lock`)."""
+    one runs raises :class:`~moe_cpt.errors.BusyError` naming it (see :mod:`moe_cpt.corpus.lock`)."""
     t0 = time.monotonic()
     store = Store(store_url)
     tok_bytes = read_tokenizer_bytes(cfg.tokenizer)

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from typing import Any
 
 import yaml
 from rich.console import Console
 from rich.table import Table
 
-from corpus.config import ExecutorConfig, load_config
-from corpus.store import Store
-from cpt.errors import BusyError, ConfigError, CptError
-from cpt.fs import store_errors
-
-DEFAULT_STORE = "data/store"
-
-
-def default_store() -> str:
-    return os.environ.get("CPT_STORE", DEFAULT_STORE)
+from moe_cpt.corpus.config import ExecutorConfig, load_config
+from moe_cpt.corpus.progress import human, print_stats, run_build
+from moe_cpt.errors import ConfigError, CptError
+from moe_cpt.fs import store_errors
+from moe_cpt.store.object_store import DEFAULT_STORE, Store, default_store
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
@@ -97,40 +90,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # ---- build ----------------------------------------------------------------------------------
-def run_build(cfg_path: str, store_url: str, workers: int, executor: ExecutorConfig, keep_work: bool,
-              console: Console | None = None, create_bucket: bool = False) -> Any:
-    """Build one config with progress bars; datatrove's logs go to a file named on failure."""
-    from corpus.build import build_dataset
-    from corpus.progress import StageProgress, stderr_to_file
-
-    cfg = load_config(cfg_path)
-    log_path = os.path.join(tempfile.gettempdir(), f"cpt-build-{cfg.name}-{os.getpid()}.log")
-    console = console or Console(stderr=True)
-    console.print(f"building [bold]{cfg.name}[/] from {len(cfg.inputs)} input(s) into {store_url}")
-    from corpus.build import plan_inputs
-
-    total = sum(f.size for p in plan_inputs(cfg) for f in p.files)
-    try:
-        with stderr_to_file(log_path) as stream:
-            runner = StageProgress(Console(file=stream, force_terminal=console.is_terminal), total)
-            result = build_dataset(cfg, store_url, executor, runner=runner, keep_work=keep_work,
-                                   create_bucket=create_bucket)
-    except BusyError:
-        os.unlink(log_path)
-        raise
-    except Exception as exc:
-        if hasattr(exc, "args") and exc.args and isinstance(exc.args[0], str):
-            exc.args = (f"{exc.args[0]} (datatrove log: {log_path})",) + exc.args[1:]
-        raise
-    os.unlink(log_path)
-    if result.skipped:
-        console.print(f"{cfg.name}@{result.version}: already built from these inputs and config; nothing to do")
-    else:
-        console.print(f"published [bold]{cfg.name}@{result.version}[/] in {result.seconds:.1f}s")
-    print_stats(console, result.name, result.version, result.manifest)
-    return result
-
-
 def cmd_build(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {}
     if args.executor_options:
@@ -145,34 +104,6 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 # ---- inspection -----------------------------------------------------------------------------
-def _human(n: float, unit: str = "") -> str:
-    for suffix in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.0f}{suffix}{unit}" if suffix == "" else f"{n:.1f}{suffix}{unit}"
-        n /= 1000
-    return f"{n:.1f}P{unit}"
-
-
-def print_stats(console: Console, name: str, version: str, manifest: Any) -> None:
-    table = Table(title=f"{name}@{version}")
-    table.add_column("stage")
-    table.add_column("docs in", justify="right")
-    table.add_column("docs out", justify="right")
-    table.add_column("removed", justify="right")
-    for row in manifest.stats.get("stages", []):
-        removed = row["docs_in"] - row["docs_out"]
-        reasons = ", ".join(f"{k}: {v}" for k, v in row.get("reasons", {}).items())
-        table.add_row(row["stage"], str(row["docs_in"]), str(row["docs_out"]),
-                      f"{removed}" + (f" ({reasons})" if reasons else ""))
-    bad = manifest.stats.get("bad_records_skipped", 0)
-    if bad:
-        table.add_row("bad records skipped", "", "", str(bad))
-    console.print(table)
-    console.print(f"documents {manifest.n_docs:,}  tokens {manifest.n_tokens:,}  shards {len(manifest.shards)}  "
-                  f"blocks {manifest.n_blocks}  bytes {manifest.nbytes:,}  tokenizer {manifest.tokenizer.sha256[:12]} "
-                  f"({manifest.tokenizer.dtype})")
-
-
 def cmd_ls(args: argparse.Namespace) -> int:
     store = Store(args.store or default_store())
     console = Console()
@@ -198,7 +129,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 damaged.append(f"{item.name}@{version}: DAMAGED: {exc}")
                 table.add_row(item.name, version, tags, "DAMAGED", "", "", "")
                 continue
-            table.add_row(item.name, version, tags, _human(m.n_docs), _human(m.n_tokens), _human(m.nbytes, "B"),
+            table.add_row(item.name, version, tags, human(m.n_docs), human(m.n_tokens), human(m.nbytes, "B"),
                           str(m.build.get("created_at", "")))
     console.print(table)
     for line in damaged:
@@ -217,7 +148,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     print_stats(console, name, version, manifest)
     console.print(f"inputs: {len(manifest.inputs)} file(s), {sum(i.get('size', 0) or 0 for i in manifest.inputs):,} bytes; "
                   f"built {manifest.build.get('created_at', '?')} by {json.dumps(manifest.build.get('code', {}))}")
-    from cpt.runs import RunCatalog
+    from moe_cpt.provenance.catalog import RunCatalog
 
     consumers = RunCatalog(store.url).runs_for_version(name, version)
     console.print(f"runs that read it: {', '.join(consumers) or 'none'}"
@@ -228,8 +159,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from corpus.reader import open_dataset
-    from corpus.verify import verify_version
+    from moe_cpt.store.reader import open_dataset
+    from moe_cpt.store.verify import verify_version
 
     ds = open_dataset(args.store or default_store(), args.ref)
     console = Console(stderr=True)
@@ -285,9 +216,9 @@ def _guarded(func: Any) -> Any:
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
-    from corpus.tokenizer import train_bpe
-    from corpus.training_text import iter_config_texts
-    from cpt.fs import open_fs
+    from moe_cpt.corpus.tokenizer import train_bpe
+    from moe_cpt.corpus.training_text import iter_config_texts
+    from moe_cpt.fs import open_fs
 
     texts = (t for path in args.config for t in iter_config_texts(load_config(path, {"tokenizer": "-"}), args.max_docs))
     data = train_bpe(texts, args.vocab_size)
@@ -302,7 +233,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from corpus.demo import build_demo
+    from moe_cpt.corpus.demo import build_demo
 
     build_demo(args.store or default_store(), args.raw, args.workers)
     return 0

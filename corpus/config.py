@@ -24,9 +24,9 @@ from typing import Any, Literal
 
 import yaml
 
-from corpus.shard_set import PackingConfig
-from corpus.store import check_name
-from cpt.errors import ConfigError
+from moe_cpt.corpus.shard_writer import PackingConfig
+from moe_cpt.errors import ConfigError
+from moe_cpt.store.object_store import check_name
 
 FORMATS = ("jsonl", "parquet", "text")
 DEFAULT_GLOBS = {"jsonl": "**/*.jsonl*", "parquet": "**/*.parquet", "text": "**/*"}

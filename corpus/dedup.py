@@ -27,8 +27,8 @@ from datatrove.pipeline.dedup.exact_dedup import (
 )
 from datatrove.utils.word_tokenizers import WordTokenizer
 
-from corpus.config import DedupConfig
-from cpt.fs import join
+from moe_cpt.corpus.config import DedupConfig
+from moe_cpt.fs import join
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import shutil
 import sysconfig
 from pathlib import Path
 
 from rich.console import Console
 
-from corpus.config import ExecutorConfig
-from corpus.tokenizer import read_tokenizer_bytes, train_bpe
+from moe_cpt.corpus.config import ExecutorConfig
+from moe_cpt.corpus.progress import run_build
+from moe_cpt.corpus.tokenizer import read_tokenizer_bytes, train_bpe
+from moe_cpt.fs import atomic_write_file
 
 DEMO_VOCAB = 8192
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -78,7 +79,7 @@ def module_docstrings(path: Path) -> str | None:
 
 def write_raw_inputs(raw: Path) -> None:
     """Write ``raw/prose/*.jsonl`` and ``raw/code/**/*.py`` (idempotent, deterministic)."""
-    import pydoc_data.topics
+    import pydoc_data.topics  # 700 KB of text: loaded only when the demo inputs are written
 
     prose = raw / "prose"
     code = raw / "code"
@@ -109,21 +110,17 @@ def ensure_tokenizer(raw: Path, console: Console) -> Path:
     path = raw / "tokenizer.json"
     if path.exists():
         return path
-    from corpus.config import load_config
-    from corpus.training_text import iter_config_texts
+    from moe_cpt.corpus.config import load_config
+    from moe_cpt.corpus.training_text import iter_config_texts
 
     console.print(f"training a byte-level BPE tokenizer (vocab {DEMO_VOCAB}) on prose + code ...")
     texts = (t for name in ("prose", "code") for t in iter_config_texts(load_config(raw / f"{name}.yaml")))
     data = train_bpe(texts, DEMO_VOCAB)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_file(path, data)
     return path
 
 
 def build_demo(store_url: str, raw_dir: str, workers: int) -> None:
-    from corpus.cli import run_build
-
     console = Console(stderr=True)
     raw = Path(raw_dir).resolve()
     console.print(f"writing demo inputs to {raw} ...")

@@ -29,9 +29,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from corpus.refs import writer_identity
-from cpt.errors import BusyError
-from cpt.fs import (
+from moe_cpt.errors import BusyError
+from moe_cpt.fs import (
     ObjectExistsError,
     is_local,
     try_flock,
@@ -39,6 +38,7 @@ from cpt.fs import (
     write_holder,
     write_once,
 )
+from moe_cpt.store.refs import writer_identity
 
 log = logging.getLogger(__name__)
 

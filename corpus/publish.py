@@ -14,13 +14,13 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from corpus.manifest import Manifest, TokenizerInfo
-from corpus.shard_set import PackingConfig, ShardSetWriter
-from corpus.store import Store, check_name
-from cpt.codeversion import code_version
-from cpt.errors import IntegrityError
-from cpt.fs import join, write_bytes_atomic
-from cpt.hashing import fast_checksum, sha256_hex
+from moe_cpt.codeversion import code_version
+from moe_cpt.corpus.shard_writer import PackingConfig, ShardSetWriter
+from moe_cpt.errors import IntegrityError
+from moe_cpt.fs import join, write_bytes_atomic
+from moe_cpt.hashing import fast_checksum, sha256_hex
+from moe_cpt.store.manifest import Manifest, TokenizerInfo
+from moe_cpt.store.object_store import Store, check_name
 
 
 def publish_version(

@@ -19,7 +19,7 @@ from datatrove.data import Document
 from datatrove.pipeline.readers import JsonlReader, ParquetReader
 from datatrove.pipeline.readers.base import BaseDiskReader
 
-from cpt.errors import InputDataError
+from moe_cpt.errors import InputDataError
 
 READ_CHUNK = 1 << 20
 

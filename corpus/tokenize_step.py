@@ -10,10 +10,10 @@ import xxhash
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
-from corpus.manifest import TokenizerInfo
-from corpus.shard_set import PackingConfig, ShardSetWriter
-from corpus.tokenizer import batched
-from cpt.fs import join, open_fs
+from moe_cpt.corpus.shard_writer import PackingConfig, ShardSetWriter
+from moe_cpt.corpus.tokenizer import batched
+from moe_cpt.fs import join, open_fs
+from moe_cpt.store.manifest import TokenizerInfo
 
 ENCODE_BATCH = 256
 LONG_DOC_CHARS = 1 << 20  # longer texts are tokenized in pieces of about this many characters
@@ -24,7 +24,7 @@ def piece_bounds(text: str, limit: int = LONG_DOC_CHARS, window: int = CUT_WINDO
     """Where to cut a long text for tokenizing it piece by piece: offsets of pieces of at most
     ``limit`` characters, each cut just before a whitespace character that follows a non-space
     and precedes a non-space ("word| word"). Byte-level BPE pre-tokenizers (GPT-2, Llama 3 and
-    the ones :func:`corpus.tokenizer.train_bpe` makes) split there anyway, so the pieces' tokens
+    the ones :func:`moe_cpt.corpus.tokenizer.train_bpe` makes) split there anyway, so the pieces' tokens
     are the whole text's. Only a stretch of ``window`` characters without such a place is cut
     at the limit itself (tokens may then differ at that cut)."""
     bounds = [0]

@@ -11,10 +11,10 @@ from typing import TypeVar
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from corpus.manifest import TokenizerInfo
-from cpt.errors import ConfigError
-from cpt.fs import open_fs
-from cpt.hashing import sha256_hex
+from moe_cpt.errors import ConfigError
+from moe_cpt.fs import open_fs
+from moe_cpt.hashing import sha256_hex
+from moe_cpt.store.manifest import TokenizerInfo
 
 T = TypeVar("T")
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from corpus.build import front_steps, plan_inputs
-from corpus.config import DatasetConfig
+from moe_cpt.corpus.build import front_steps, plan_inputs
+from moe_cpt.corpus.config import DatasetConfig
 
 
 def iter_config_texts(cfg: DatasetConfig, max_docs: int | None = None) -> Iterator[str]:

@@ -8,7 +8,7 @@ through :class:`LocalS3`. Point any command at it with::
 
 moto keeps objects in memory: a restarted server starts empty (tests re-upload what they need).
 
-``python -m infra.local_s3`` stops its moto child on SIGTERM, SIGINT and SIGHUP, and the child is
+``python -m moe_cpt.infra.local_s3`` stops its moto child on SIGTERM, SIGINT and SIGHUP, and the child is
 tied to it with ``PR_SET_PDEATHSIG`` (it dies even when the parent is killed with SIGKILL).
 """
 
@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 
-from trainer.signals import child_preexec
+from moe_cpt.processes import child_preexec
 
 DEFAULT_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "test",

@@ -27,9 +27,10 @@ from typing import TypeVar
 import numpy as np
 import xxhash
 
-from corpus.reader import BlockRef, DatasetVersion
-from corpus.shards import decode_block_into
-from cpt.errors import ConfigError, CptError, IntegrityError
+from moe_cpt.errors import ConfigError, CptError, IntegrityError
+from moe_cpt.fs import atomic_write_file
+from moe_cpt.store.reader import BlockRef, DatasetVersion
+from moe_cpt.store.shard_format import decode_block_into
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,7 +46,7 @@ class CacheConfig:
     prefetch_threads: int = 4
     prefetch_samples: int = 256  # how far ahead (in this worker's samples) blocks are fetched
     prefetch_disk_hits: bool = False  # read ahead blocks already in the disk cache too (spare cores)
-    retries: int = 5  # attempts per block before giving up (the only retry layer: cpt.fs.open_fs)
+    retries: int = 5  # attempts per block before giving up (the only retry layer: moe_cpt.fs.open_fs)
     backoff_s: float = 0.2  # retry delay ceiling: doubles each attempt (capped at 5 s), full jitter
     verify: bool = True
 
@@ -266,13 +267,9 @@ class DiskCache:
         self._write(p, (data,), len(data))
 
     def _write(self, p: Path, parts: Iterable[bytes | memoryview], nbytes: int) -> None:
-        """Write ``parts`` to ``p`` atomically (temporary file + rename), then account the bytes
-        and evict past the bound."""
-        tmp = p.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
-        with open(tmp, "wb") as f:
-            for part in parts:
-                f.write(part)
-        os.replace(tmp, p)
+        """Write ``parts`` to ``p`` atomically (a cache: no fsync), then account the bytes and
+        evict past the bound."""
+        atomic_write_file(p, parts, durable=False)
         with self._lock:
             self._approx += nbytes
             if self._approx > self.max_bytes:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 
-from cpt.errors import ConfigError
-from mixer.schedule import D, advance
-from mixer.spec import resolve
-from mixer.stream import MixStream
+from moe_cpt.errors import ConfigError
+from moe_cpt.mixer.schedule import D, advance
+from moe_cpt.mixer.spec import resolve
+from moe_cpt.mixer.stream import MixStream
 
 SIMULATE_LIMIT = 5_000_000  # samples; beyond, counts come from the exact quota (within one)
 
@@ -37,7 +40,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if exact:
         counts = list(advance(ms.initial_state().point, sched, g, args.steps).counts)
     else:
-        from mixer.schedule import expected_counts
+        from moe_cpt.mixer.schedule import expected_counts
         counts = [round(c) for c in expected_counts(sched, g, args.steps)]
     print(f"blend {blend.fingerprint}: seq_len {blend.spec.seq_len}, global batch {g}, seed {blend.spec.seed}")
     print(f"after {args.steps} steps ({args.steps * g} samples, {'exact' if exact else 'quota, +-1'}):")
@@ -57,22 +60,13 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from mixer.bench import run
-    return run(args)
-
-
 def _serve(args: argparse.Namespace) -> int:
-    import os
-    import signal
-    import threading
-
-    from mixer.blocks import CacheConfig
-    from mixer.dataset import open_blend
-    from mixer.service.record import ServeRecord
-    from mixer.service.server import MixService, ServiceConfig, serve_forever
-    from mixer.service.wire import TOKEN_ENV
-    from mixer.spec import load_spec_file
+    from moe_cpt.mixer.blocks import CacheConfig
+    from moe_cpt.mixer.dataset import open_blend
+    from moe_cpt.mixer.service.record import ServeRecord
+    from moe_cpt.mixer.service.server import MixService, ServiceConfig, serve_forever
+    from moe_cpt.mixer.service.wire import TOKEN_ENV
+    from moe_cpt.mixer.spec import load_spec_file
 
     token = os.environ.get(TOKEN_ENV) or None
     if args.token_file:
@@ -100,11 +94,6 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_service(args: argparse.Namespace) -> int:
-    from mixer.service_bench import run
-    return run(args)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("mix", help="blend dataset versions into a deterministic training stream")
     mix = p.add_subparsers(dest="mix_command", metavar="SUBCOMMAND", required=True)
@@ -116,13 +105,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("spec")
     i.add_argument("--steps", type=int, required=True)
     i.set_defaults(func=_inspect)
-    b = mix.add_parser("bench", help="throughput, resume time, RSS, bytes fetched/consumed (tables)")
-    from mixer.bench import add_arguments
-    add_arguments(b)
-    b.set_defaults(func=_bench)
     s = mix.add_parser(
         "serve", help="serve a blend over HTTP to trainer ranks (see docs/service.md)",
-        description="Run the mixer as a network service: clients (mixer.service.client.ServiceMixedDataset) "
+        description="Run the mixer as a network service: clients (moe_cpt.mixer.service.client.ServiceMixedDataset) "
         "POST their (rank, world size, state) to /v1/samples and stream their samples as binary frames; "
         "GET /healthz, /metrics (Prometheus), /v1/blend, /v1/validation. Stateless: any replica of the "
         "same blend continues any client. SIGTERM/SIGINT stop it cleanly.")
@@ -140,13 +125,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--no-record", action="store_true", help="do not write a run record of this serving session "
                    "to the stores' run catalog (see `cpt runs ls`)")
     s.set_defaults(func=_serve)
-    bs = mix.add_parser("bench-service", help="tokens/s through the service on loopback vs in-process",
-                        description="Build a synthetic store, then print tokens/s of the in-process mixer "
-                        "(warm disk cache), of one client of a `cpt mix serve` subprocess on loopback, and "
-                        "of N concurrent client processes (same as python -m mixer.service_bench).")
-    from mixer.service_bench import add_arguments as add_service_bench_arguments
-    add_service_bench_arguments(bs)
-    bs.set_defaults(func=_bench_service)
 
 
 if __name__ == "__main__":  # pragma: no cover

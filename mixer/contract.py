@@ -1,5 +1,5 @@
-"""What the in-process :class:`~mixer.dataset.MixedDataset` and the service client
-:class:`~mixer.service.client.ServiceMixedDataset` share: the dataset contract the trainer relies on
+"""What the in-process :class:`~moe_cpt.mixer.dataset.MixedDataset` and the service client
+:class:`~moe_cpt.mixer.service.client.ServiceMixedDataset` share: the dataset contract the trainer relies on
 (source names and versions, ``seq_len``, global batch size, the state API)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Any
 
 from torch.utils.data import IterableDataset
 
-from mixer.spec import ResolvedBlend
-from mixer.stream import MixState, find_states, merge_states
+from moe_cpt.mixer.spec import ResolvedBlend
+from moe_cpt.mixer.state import MixState, find_states, merge_states
 
 
 class BlendDataset(IterableDataset):

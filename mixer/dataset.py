@@ -4,10 +4,10 @@
     loader = torchdata.stateful_dataloader.StatefulDataLoader(
         ds, batch_size=ds.loader_batch_size, num_workers=2)
 
-Each sample is a :class:`~mixer.sample.Sample` dict: ``tokens`` and ``positions`` (int64 arrays
-of ``seq_len + 1``), ``source`` (index into :attr:`MixedDataset.source_names`) and provenance
-(``sample``: global sample index, ``index``: the source's sample index, ``epoch``, ``shard``,
-``block``, ``offset``).
+Each sample is a :class:`~moe_cpt.mixer.sample.Sample` dict: ``tokens`` and ``positions`` (int64
+arrays of ``seq_len + 1``), ``source`` (index into :attr:`MixedDataset.source_names`) and
+provenance (``sample``: global sample index, ``index``: the source's sample index, ``epoch``,
+``shard``, ``block``, ``offset``).
 The stream is the same whatever the number of loader workers, as long as the loader's
 ``batch_size`` equals :attr:`loader_batch_size` (the workers deal chunks of that many samples).
 With ``batched=True`` the dataset yields those chunks already collated (``batch_size=None``).
@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from torch.utils.data import get_worker_info
 
-from corpus.reader import DatasetVersion
-from mixer.blocks import CacheConfig
-from mixer.contract import BlendDataset
-from mixer.spec import ResolvedBlend, blend_from_json, open_sources, resolve
-from mixer.stream import MixStream, Worker
+from moe_cpt.mixer.blocks import CacheConfig
+from moe_cpt.mixer.contract import BlendDataset
+from moe_cpt.mixer.spec import ResolvedBlend, blend_from_json, open_sources, resolve
+from moe_cpt.mixer.state import Worker
+from moe_cpt.mixer.stream import MixStream
+from moe_cpt.store.reader import DatasetVersion
 
 
 def open_blend(spec: str | Path | dict[str, Any] | ResolvedBlend) -> tuple[ResolvedBlend, list[DatasetVersion]]:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cpt.errors import ConfigError
-from cpt.hashing import sha256_hex
+from moe_cpt.errors import ConfigError
+from moe_cpt.hashing import sha256_hex
 
 AUTO_FRACTION = 100  # auto: 1% of the version's tokens ...
 AUTO_MAX_TOKENS = 1 << 20  # ... at most 1 Mi tokens

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cpt.hashing import sha256_hex
-from mixer.lru import LruCache
+from moe_cpt.hashing import sha256_hex
+from moe_cpt.mixer.lru import LruCache
 
 
 def _seed_words(*parts: int | str) -> list[int]:

@@ -24,14 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from cpt.errors import ConfigError
-from mixer.holdout import Holdout
-from mixer.lru import LruCache
-from mixer.packing import SampleLoc, SourcePacking, _seed_words
-from mixer.schedule import MixPoint, WeightSchedule, plan_step
+from moe_cpt.errors import ConfigError
+from moe_cpt.mixer.holdout import Holdout
+from moe_cpt.mixer.lru import LruCache
+from moe_cpt.mixer.packing import SampleLoc, SourcePacking, _seed_words
+from moe_cpt.mixer.schedule import MixPoint, WeightSchedule, plan_step
 
 REPLAY_MODES = ("fresh", "seen")
-RUN_RECORD = "run.json"  # the trainer's run record (trainer/run_record.py) in the parent's folder
+RUN_RECORD = "run.json"  # the trainer's run record (provenance/record.py) in the parent's folder
 
 
 @dataclass(frozen=True)

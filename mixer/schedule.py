@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cpt.errors import ConfigError
+from moe_cpt.errors import ConfigError
 
 D = 1 << 24
 

@@ -18,15 +18,16 @@ import fsspec
 import numpy as np
 import yaml
 
-from corpus.reader import DatasetVersion, open_dataset
-from corpus.store import parse_ref
-from cpt.errors import ConfigError, CptError
-from cpt.fs import absolute_url, dumps_canonical, read_json
-from cpt.hashing import sha256_hex
-from mixer.blocks import retry_call
-from mixer.holdout import Holdout, auto_tokens, choose_holdout
-from mixer.replay import REPLAY_MODES, RUN_RECORD, SeenReplay, seen_counts
-from mixer.schedule import Knot, WeightSchedule
+from moe_cpt.errors import ConfigError, CptError
+from moe_cpt.fs import absolute_url, dumps_canonical, read_json
+from moe_cpt.hashing import sha256_hex
+from moe_cpt.mixer.blocks import retry_call
+from moe_cpt.mixer.holdout import Holdout, auto_tokens, choose_holdout
+from moe_cpt.mixer.replay import REPLAY_MODES, RUN_RECORD, SeenReplay, seen_counts
+from moe_cpt.mixer.schedule import Knot, WeightSchedule
+from moe_cpt.mixer.state import find_states
+from moe_cpt.store.object_store import parse_ref
+from moe_cpt.store.reader import DatasetVersion, open_dataset
 
 ALGORITHM = "moe-cpt/mixer-v1"  # bump when the mapping spec -> stream changes
 MAX_SEQ_LEN = 1 << 20
@@ -362,8 +363,6 @@ def _parent_step(record: dict[str, Any], want: int | None, where: str) -> int:
 def _check_parent_state(data: dict[str, Any], parent: ResolvedBlend, step: int, counts: tuple[int, ...],
                         where: str) -> None:
     """If the record's mixer state is at ``step``, its counts must be the schedule's."""
-    from mixer.stream import find_states  # here: mixer.stream imports this module
-
     for st in find_states(data.get("state")):
         if st.get("blend") == parent.fingerprint and st.get("step") == step and \
                 tuple(st.get("counts") or ()) != counts:

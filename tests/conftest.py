@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from infra.local_s3 import LocalS3
+from moe_cpt.infra.local_s3 import LocalS3
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
-"""``python -m trainer CONFIG [k=v ...]`` / ``torchrun --nproc-per-node N -m trainer ...``."""
+"""``python -m moe_cpt.trainer CONFIG [k=v ...]`` / ``torchrun --nproc-per-node N -m moe_cpt.trainer ...``."""
 
 import sys
 
-from trainer.worker import main
+from moe_cpt.trainer.worker import main
 
 sys.exit(main())

@@ -25,7 +25,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from cpt.errors import CptError
+from moe_cpt.errors import CptError
 
 DIGEST_KEY = "checkpoint_sha256"
 _CHUNK = 8 << 20

@@ -10,13 +10,13 @@ def _train(args: argparse.Namespace) -> int:
     overrides = [o for o in args.overrides if o not in flags]
     dry_run = args.dry_run or "--dry-run" in args.overrides
     if args.print_model or "--print-model" in args.overrides:
-        from trainer.config import load_config
-        from trainer.model_card import model_table
+        from moe_cpt.trainer.config import load_config
+        from moe_cpt.trainer.model_card import model_table
 
         print(model_table(load_config(args.config, overrides)))
         if not dry_run:
             return 0
-    from trainer.launcher import launch
+    from moe_cpt.trainer.launcher import launch
 
     return launch(args.config, overrides, dry_run=dry_run)
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import yaml
 
-from cpt.errors import ConfigError
+from moe_cpt.errors import ConfigError
 
 DEFAULTS: dict[str, Any] = {
-    # aux_loss_coeff / z_loss_coeff: null = the router's preset (trainer.models.ROUTER_PRESETS);
+    # aux_loss_coeff / z_loss_coeff: null = the router's preset (moe_cpt.trainer.models.ROUTER_PRESETS);
     # route_norm: null = renormalize the top-k gates only for k > 1
     "model": {"flavor": "tiny_moe", "router": "aux_loss", "attention": "sdpa",
               "aux_loss_coeff": None, "z_loss_coeff": None, "load_balance_coeff": 0.001,
@@ -133,7 +133,7 @@ def _check_lists(cfg: dict[str, Any]) -> None:
 
 
 def validate(cfg: dict[str, Any]) -> None:
-    from trainer.models import ROUTERS, SHAPES
+    from moe_cpt.trainer.models import ROUTERS, SHAPES
 
     m, t, p = cfg["model"], cfg["training"], cfg["parallel"]
     if m["flavor"] not in SHAPES:
@@ -166,7 +166,7 @@ def validate(cfg: dict[str, Any]) -> None:
 
 
 def _validate_schedule(sched: dict[str, Any], steps: int) -> None:
-    from trainer.schedules import SCHEDULES
+    from moe_cpt.trainer.schedules import SCHEDULES
 
     if sched["kind"] not in SCHEDULES:
         raise ConfigError(f"schedule.kind must be one of {', '.join(SCHEDULES)}")
@@ -202,12 +202,12 @@ def to_trainer_config(cfg: dict[str, Any]) -> Any:
     from torchtitan.config import ParallelismConfig, TrainingConfig
     from torchtitan.config.configs import DebugConfig
 
-    from trainer import cpu_compat
-    from trainer.data import CptDataLoader, NullTokenizer
-    from trainer.models import SHAPES, model_spec
-    from trainer.schedules import lr_scheduler_config
-    from trainer.step_metrics import StepMetrics
-    from trainer.train import CptTrainer, EvalConfig, RunConfig
+    from moe_cpt.trainer import cpu_compat
+    from moe_cpt.trainer.data import CptDataLoader, NullTokenizer
+    from moe_cpt.trainer.models import SHAPES, model_spec
+    from moe_cpt.trainer.schedules import lr_scheduler_config
+    from moe_cpt.trainer.step_metrics import StepMetrics
+    from moe_cpt.trainer.train import CptTrainer, EvalConfig, RunConfig
 
     m, d, t, p = cfg["model"], cfg["data"], cfg["training"], cfg["parallel"]
     vocab = m["vocab_size"] or SHAPES[m["flavor"]].vocab_size

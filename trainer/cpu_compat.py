@@ -20,7 +20,7 @@ The known problems (letters as in the trainer issue):
                                                                   -> force SUM reductions
 (h) EP requires ``training.disable_cuda_graphs``                  -> :func:`adapt_config`
 (i) DTensor random init on CPU fills every rank's shard identically (experts become copies)
-                                                                  -> ``trainer.init_guard``
+                                                                  -> ``moe_cpt.trainer.init_guard``
 (j) ``models/common/moe.py`` ``GroupedExperts.forward`` casts tokens and expert weights to bf16
     for its grouped-matmul seam ``GroupedExperts._grouped_mm`` (-> ``torch._grouped_mm``); CPU
     bf16 matmuls run ~40x slower than fp32 and differ from the dense FFN's fp32 numerics
@@ -43,8 +43,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-
-_APPLIED: list[bool] = []  # set once per process; a list so no `global` statement is needed
 
 
 def cuda_present() -> bool:
@@ -221,12 +219,19 @@ def stock_grouped_experts() -> Iterator[None]:
         GroupedExperts.forward, GroupedExperts._grouped_mm = fp32_forward, fp32_mm
 
 
+def applied() -> bool:
+    """Whether :func:`apply` patched torchtitan in this process (read off torchtitan's own
+    ``device_module``, so there is no flag of ours to keep in step)."""
+    tools = sys.modules.get("torchtitan.tools.utils")
+    return tools is not None and isinstance(getattr(tools, "device_module", None), CpuDeviceModule)
+
+
 def apply() -> bool:
     """Patch torchtitan for CPU when no CUDA device is present. Idempotent.
     Returns True when the CPU adaptations are active."""
     if cuda_present():
         return False
-    if _APPLIED:
+    if applied():
         return True
     stub_triton_kernels_if_missing()
     import torchtitan.tools.utils as tt_utils
@@ -248,7 +253,6 @@ def apply() -> bool:
     tt_metrics.DeviceMemoryMonitor.__init__.__defaults__ = ("cpu:0",)
     tt_dist_utils.set_pg_timeouts = _set_pg_timeouts_cpu  # (d)
     install_fp32_experts()  # (j)
-    _APPLIED.append(True)
     return True
 
 

@@ -1,6 +1,6 @@
 """Evaluation on fixed held-out sets: loss per source, router balance, routing saturation.
 
-Definitions in :mod:`trainer.routing_metrics`.
+Definitions in :mod:`moe_cpt.trainer.routing_metrics`.
 
 * val loss per source: mean next-token cross-entropy on a fixed held-out set of each source
   (``eval.samples_per_source`` windows, run ``eval.batch_size`` windows per forward);
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchtitan.models.common.moe import TokenChoiceTopKRouter
 
-from trainer.routers import local_tensor
-from trainer.routing_metrics import (
+from moe_cpt.trainer.routers import local_tensor
+from moe_cpt.trainer.routing_metrics import (
     changed_fraction,
     expert_counts,
     max_violation,

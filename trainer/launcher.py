@@ -3,11 +3,11 @@
 
 Before any process starts (one ``cpt: error: ...`` line otherwise, nothing written to the output
 folder): the config (keys, types, values), the recorded inputs of the run it continues, the
-checkpoint it will load (``trainer.checkpoint_trust``), the data source against the model
-(``trainer.data.check_source_shape`` on the opened blend) and that no other run holds the output
-folder (``trainer.output_lock``). ``torchrun`` dies with the launcher (``PR_SET_PDEATHSIG``; the
+checkpoint it will load (``moe_cpt.trainer.checkpoint_trust``), the data source against the model
+(``moe_cpt.trainer.data.check_source_shape`` on the opened blend) and that no other run holds the output
+folder (``moe_cpt.trainer.output_lock``). ``torchrun`` dies with the launcher (``PR_SET_PDEATHSIG``; the
 workers die with it in turn) and ignores ``SIGUSR1``, which the launcher forwards to the workers
-(``trainer.signals``: checkpoint, then requeue; exit code :data:`EXIT_PREEMPTED`).
+(``moe_cpt.trainer.signals``: checkpoint, then requeue; exit code :data:`EXIT_PREEMPTED`).
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import IO, Any
 
-from trainer.config import load_config
-from trainer.lineage import check_checkpoint, check_run_inputs, is_resume, recorded_blend
-from trainer.output_lock import check_free
-from trainer.run_record import read_run_record
-from trainer.signals import EXIT_PREEMPTED, PREEMPT_SIGNAL, child_preexec, forward_signal
+from moe_cpt.processes import child_preexec, forward_signal
+from moe_cpt.provenance.record import read_run_record
+from moe_cpt.trainer.config import load_config
+from moe_cpt.trainer.output_lock import check_free
+from moe_cpt.trainer.resume import check_checkpoint, check_run_inputs, is_resume, recorded_blend
+from moe_cpt.trainer.signals import EXIT_PREEMPTED, PREEMPT_SIGNAL
 
 LAUNCHER_PID_ENV = "CPT_LAUNCHER_PID"
 
@@ -33,7 +34,7 @@ LAUNCHER_PID_ENV = "CPT_LAUNCHER_PID"
 def torchrun_command(config_path: str | None, overrides: Sequence[str], nproc: int) -> list[str]:
     """Single-node ``torchrun`` (``--standalone`` picks a free rendezvous port)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc-per-node", str(nproc), "--local-ranks-filter", "0", "-m", "trainer"]
+           "--nproc-per-node", str(nproc), "--local-ranks-filter", "0", "-m", "moe_cpt.trainer"]
     if config_path:
         cmd.append(str(config_path))
     return cmd + list(overrides)
@@ -41,15 +42,15 @@ def torchrun_command(config_path: str | None, overrides: Sequence[str], nproc: i
 
 def check_data_source(cfg: dict[str, Any], record: dict[str, Any]) -> None:
     """Open the blend the workers will read (a resume: the recorded resolved blend) and run the
-    workers' own shape checks on it (``trainer.data.check_source_shape``); a missing blend file or
-    unreadable data is one :class:`~cpt.errors.CptError` here. A mixer service is not contacted
+    workers' own shape checks on it (``moe_cpt.trainer.data.check_source_shape``); a missing blend file or
+    unreadable data is one :class:`~moe_cpt.errors.CptError` here. A mixer service is not contacted
     (the workers check what it serves)."""
     d, t, p = cfg["data"], cfg["training"], cfg["parallel"]
     if d["kind"] != "mixer" or d["service_url"]:
         return
-    from mixer.dataset import open_blend
-    from trainer.data import check_source_shape
-    from trainer.models import SHAPES
+    from moe_cpt.mixer.dataset import open_blend
+    from moe_cpt.trainer.data import check_source_shape
+    from moe_cpt.trainer.models import SHAPES
 
     resumed = is_resume(cfg["run"]["output_dir"]) and recorded_blend(record)
     spec: Any = resumed or d["blend"]

@@ -26,7 +26,7 @@ def _m(n: int) -> str:
 
 def model_table(cfg: dict[str, Any]) -> str:
     """Plain-text table of ``cfg``'s model (no weights are allocated)."""
-    from trainer.models import SHAPES, parameter_counts
+    from moe_cpt.trainer.models import SHAPES, parameter_counts
 
     m = cfg["model"]
     flavor = m["flavor"]

@@ -43,9 +43,9 @@ from torchtitan.models.qwen3 import parallelize_qwen3
 from torchtitan.models.qwen3.model import Qwen3Model, Qwen3TransformerBlock
 from torchtitan.protocols.model_spec import ModelSpec
 
-from trainer import cpu_compat
-from trainer.attention import DocumentSDPA
-from trainer.routers import CptRouter
+from moe_cpt.trainer import cpu_compat
+from moe_cpt.trainer.attention import DocumentSDPA
+from moe_cpt.trainer.routers import CptRouter
 
 RouterKind = Literal["aux_loss", "sinkhorn", "aux_free"]
 ROUTERS: tuple[str, ...] = ("aux_loss", "sinkhorn", "aux_free")
@@ -101,7 +101,7 @@ SHAPES: dict[str, Shape] = {
                       vocab_size=256, num_experts=8, top_k=2, moe_hidden=64),
     "bench_moe": Shape(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
                        vocab_size=2048, num_experts=8, top_k=2, moe_hidden=256),
-    # same shape as torchtitan's qwen3 "debugmodel_moe" (for trainer.bench)
+    # same shape as torchtitan's qwen3 "debugmodel_moe" (for moe_cpt.bench.train_bench)
     "tt_debug_moe": Shape(dim=256, n_layers=8, n_heads=16, n_kv_heads=8, head_dim=128,
                           vocab_size=2048, num_experts=64, top_k=8, moe_hidden=768),
     "dense_500m": replace(_STUDY, ffn_hidden=STUDY_FFN),

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cpt.errors import CptError
-from cpt.fs import try_flock, write_holder
+from moe_cpt.errors import CptError
+from moe_cpt.fs import try_flock, write_holder
 
 LOCK_FILE = ".cpt-train.lock"
 

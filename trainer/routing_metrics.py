@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.routers import local_tensor
+from moe_cpt.trainer.routers import local_tensor
 
 
 def mri_from_counts(counts_E: np.ndarray, top_k: int) -> float:

@@ -37,28 +37,29 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
-from cpt.errors import ConfigError
-from trainer import checkpoint_trust, cpu_compat, init_guard, signals
-from trainer.attention import DocumentSDPA, document_causal_mask
-from trainer.data import rebase_positions
-from trainer.evaluation import (
+from moe_cpt.errors import ConfigError
+from moe_cpt.provenance.lineage import check_readable
+from moe_cpt.provenance.record import RunRecorder, read_run_record
+from moe_cpt.provenance.schema import new_run_id
+from moe_cpt.trainer import checkpoint_trust, cpu_compat, init_guard, signals
+from moe_cpt.trainer.attention import DocumentSDPA, document_causal_mask
+from moe_cpt.trainer.data import rebase_positions
+from moe_cpt.trainer.evaluation import (
     EvalResult,
     evaluate,
     local_tensor,
     routing_change,
     routing_saturation,
 )
-from trainer.lineage import (
+from moe_cpt.trainer.resume import (
     check_checkpoint,
-    check_recorded_inputs,
     is_resume,
     latest_step,
     recorded_blend,
     warn_parent_inputs,
 )
-from trainer.routers import collect_router_losses
-from trainer.routing_metrics import MoECounts
-from trainer.run_record import new_run_id, read_run_record, write_run_record
+from moe_cpt.trainer.routers import collect_router_losses
+from moe_cpt.trainer.routing_metrics import MoECounts
 
 
 @dataclass
@@ -146,7 +147,7 @@ class CptTrainer(Trainer):
         """Resume: the recorded inputs must be readable; a mixer run keeps its resolved blend
         (pinned versions) even if the spec's refs moved since."""
         record = read_run_record(config.dump_folder)
-        check_recorded_inputs(record)
+        check_readable(record)
         blend = recorded_blend(record)
         if blend and config.dataloader.kind == "mixer":  # type: ignore[attr-defined]
             config.dataloader.resolved_blend = blend  # type: ignore[attr-defined]
@@ -315,7 +316,7 @@ class CptTrainer(Trainer):
     def _append_jsonl(self, name: str, record: dict[str, Any]) -> None:
         """Append one row, tagged with the run segment (start or restart) that wrote it: a
         resumed segment repeats the steps after its checkpoint, and readers keep the last
-        segment's row of each step (:func:`trainer.run_logs.read_rows`)."""
+        segment's row of each step (:func:`moe_cpt.provenance.logs.read_rows`)."""
         if _rank() != 0:
             return
         with open(self._out / name, "a") as f:
@@ -339,7 +340,7 @@ class CptTrainer(Trainer):
     def _write_record(self, start_step: int, status: str) -> None:
         if _rank() != 0:
             return
-        previous = read_run_record(self._out)
+        previous = self._recorder.previous
         cfg = self.config
         record = {
             "run_id": self._run_id,
@@ -363,7 +364,7 @@ class CptTrainer(Trainer):
             "val_loss_at_start": self._val_at_start,
             "cpu_compat": not cpu_compat.cuda_present(),
         }
-        write_run_record(self._out, record)
+        self._recorder.write(record)
 
     def _saved_checkpoint(self) -> None:
         """A checkpoint of this step was written: rank 0 digests its files for run.json."""
@@ -389,7 +390,8 @@ class CptTrainer(Trainer):
     def train(self) -> None:  # noqa: C901 - mirrors torchtitan's loop
         cfg = self.config
         self._out.mkdir(parents=True, exist_ok=True)
-        previous = read_run_record(self._out)
+        self._recorder = RunRecorder(self._out)  # the record so far (a resumed run's)
+        previous = self._recorder.previous
         self._run_id = previous.get("run_id") or cfg.run.run_id or new_run_id()
         self.checkpointer.load(step=cfg.checkpoint.load_step)
         if cfg.run.phase == "cpt" and not self._resuming and cfg.run.load_optimizer:

@@ -1,4 +1,4 @@
-"""The per-process entry point (what ``torchrun`` runs): ``python -m trainer CONFIG [k=v ...]``."""
+"""The per-process entry point (what ``torchrun`` runs): ``python -m moe_cpt.trainer CONFIG [k=v ...]``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from collections.abc import Sequence
 
 import torch
 
-from cpt.errors import CptError
-from trainer import output_lock, signals
-from trainer.config import load_config, to_trainer_config
+from moe_cpt import processes
+from moe_cpt.errors import CptError
+from moe_cpt.trainer import output_lock
+from moe_cpt.trainer.config import load_config, to_trainer_config
 
 
 def tie_to_torchrun() -> None:
@@ -21,16 +22,16 @@ def tie_to_torchrun() -> None:
         return
     parent = os.getppid()
     launcher = os.environ.get("CPT_LAUNCHER_PID")
-    orphaned = parent == 1 or (launcher is not None and signals.parent_of(parent) != int(launcher))
+    orphaned = parent == 1 or (launcher is not None and processes.parent_of(parent) != int(launcher))
     if orphaned:
         os._exit(137)
-    signals.die_with_parent(parent)
+    processes.die_with_parent(parent)
 
 
 def run_worker(config_path: str | None, overrides: Sequence[str]) -> int:
     from torchtitan.tools.logging import init_logger
 
-    from trainer import cpu_compat
+    from moe_cpt.trainer import cpu_compat
 
     tie_to_torchrun()
     cpu_compat.apply()  # before any torchtitan component reads the device type

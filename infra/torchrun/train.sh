@@ -22,4 +22,4 @@ exec "$VENV/bin/python" -m torch.distributed.run \
   --rdzv-backend c10d \
   --rdzv-endpoint "$HEAD_NODE:$RDZV_PORT" \
   --local-ranks-filter 0 \
-  -m trainer "$CONFIG" "parallel.nproc=$NPROC_PER_NODE" "parallel.dp_shard=$WORLD" "$@"
+  -m moe_cpt.trainer "$CONFIG" "parallel.nproc=$NPROC_PER_NODE" "parallel.dp_shard=$WORLD" "$@"

@@ -4,11 +4,11 @@
     ds = ServiceMixedDataset("http://mixer:8470", rank=r, world_size=w, token=..., spec=blend)
     loader = StatefulDataLoader(ds, batch_size=ds.loader_batch_size, num_workers=2)
 
-The client keeps its :class:`~mixer.stream.MixState` itself (the server is stateless): every
+The client keeps its :class:`~moe_cpt.mixer.stream.MixState` itself (the server is stateless): every
 sample frame carries the state after it, and a dropped connection is reopened, with exponential
 backoff, from the state after the last sample handed out, so the stream continues byte-identical
 (on the same server after a restart, or on any other replica of the same blend). If no server
-answers for ``retry_s`` seconds, iteration fails with one :class:`~cpt.errors.CptError` line naming
+answers for ``retry_s`` seconds, iteration fails with one :class:`~moe_cpt.errors.CptError` line naming
 the URL. See docs/service.md.
 """
 
@@ -29,16 +29,16 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from corpus.store import parse_ref
-from cpt.errors import ConfigError, CptError
-from mixer.blocks import jittered
-from mixer.contract import BlendDataset
-from mixer.sample import Sample
-from mixer.schedule import MixPoint
-from mixer.service import wire
-from mixer.service.protocol import SamplesRequest
-from mixer.spec import BlendSpec, ResolvedBlend, blend_from_json, load_spec_file, parse_spec
-from mixer.stream import MixState, Worker, check_rank, check_state
+from moe_cpt.errors import ConfigError, CptError
+from moe_cpt.mixer.blocks import jittered
+from moe_cpt.mixer.contract import BlendDataset
+from moe_cpt.mixer.sample import Sample
+from moe_cpt.mixer.schedule import MixPoint
+from moe_cpt.mixer.service import wire
+from moe_cpt.mixer.service.protocol import SamplesRequest
+from moe_cpt.mixer.spec import BlendSpec, ResolvedBlend, blend_from_json, load_spec_file, parse_spec
+from moe_cpt.mixer.state import MixState, Worker, check_rank, check_state
+from moe_cpt.store.object_store import parse_ref
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import threading
 import time
 from collections import Counter
 
-from mixer.service.protocol import ENDPOINTS
+from moe_cpt.mixer.service.protocol import ENDPOINTS
 
 
 def _label(value: str) -> str:

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from cpt.errors import CptError
-from mixer.service import wire
-from mixer.spec import ResolvedBlend
-from mixer.stream import MixState, StateOfAnotherBlend, Worker, check_state, is_worker_list
+from moe_cpt.errors import CptError
+from moe_cpt.mixer.service import wire
+from moe_cpt.mixer.spec import ResolvedBlend
+from moe_cpt.mixer.state import MixState, StateOfAnotherBlend, Worker, check_state, is_worker_list
 
 CONTENT_TYPE = "application/x-cpt-mix"  # of the sample streams (frames: mixer/service/wire.py)
 ENDPOINTS = ("/healthz", "/metrics", "/v1/blend", "/v1/samples", "/v1/validation")

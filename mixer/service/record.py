@@ -7,9 +7,9 @@ import logging
 import time
 from typing import Protocol
 
-from cpt.errors import CptError
-from cpt.runs import record_mix_stream
-from mixer.spec import ResolvedBlend
+from moe_cpt.errors import CptError
+from moe_cpt.mixer.spec import ResolvedBlend
+from moe_cpt.mixer.stream_record import record_mix_stream
 
 log = logging.getLogger(__name__)
 

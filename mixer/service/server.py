@@ -1,9 +1,9 @@
 """``cpt mix serve``: the mixer as an HTTP service that trainer ranks stream their samples from
 (HTTP plumbing and the serve loop; requests: protocol.py, frames: wire.py, metrics: metrics.py).
 
-The service holds one resolved blend and one :class:`~mixer.blocks.BlockLoader` (disk + memory
+The service holds one resolved blend and one :class:`~moe_cpt.mixer.blocks.BlockLoader` (disk + memory
 cache, read-ahead) shared by all clients. It keeps no per-client state: every ``POST /v1/samples``
-carries the client's :class:`~mixer.stream.MixState`, and since the stream is a pure function of
+carries the client's :class:`~moe_cpt.mixer.stream.MixState`, and since the stream is a pure function of
 (blend, rank, world size, state), any replica serving the same blend continues any client
 exactly. Endpoints, wire format, security and metrics: docs/service.md.
 """
@@ -23,13 +23,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from corpus.reader import DatasetVersion
-from cpt.errors import ConfigError, CptError
-from mixer.blocks import BlockLoader, CacheConfig
-from mixer.sample import Sample
-from mixer.service import wire
-from mixer.service.metrics import ServiceMetrics
-from mixer.service.protocol import (
+from moe_cpt.errors import ConfigError, CptError
+from moe_cpt.mixer.blocks import BlockLoader, CacheConfig
+from moe_cpt.mixer.sample import Sample
+from moe_cpt.mixer.service import wire
+from moe_cpt.mixer.service.metrics import ServiceMetrics
+from moe_cpt.mixer.service.protocol import (
     CONTENT_TYPE,
     ENDPOINTS,
     HttpError,
@@ -39,9 +38,11 @@ from mixer.service.protocol import (
     parse_uint,
     parse_validation_query,
 )
-from mixer.service.record import ServeRecord
-from mixer.spec import ResolvedBlend
-from mixer.stream import MixState, MixStream
+from moe_cpt.mixer.service.record import ServeRecord
+from moe_cpt.mixer.spec import ResolvedBlend
+from moe_cpt.mixer.state import MixState
+from moe_cpt.mixer.stream import MixStream
+from moe_cpt.store.reader import DatasetVersion
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from cpt.errors import CptError
-from mixer.sample import Sample, make_sample
+from moe_cpt.errors import CptError
+from moe_cpt.mixer.sample import Sample, make_sample
 
 WIRE_VERSION = 1  # of the service protocol (GET /v1/blend says which one a server speaks)
 TOKEN_ENV = "CPT_MIX_TOKEN"  # the shared bearer token, for server and clients

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from corpus.tokenizer import train_bpe
+from moe_cpt.corpus.tokenizer import train_bpe
 
 
 def sample_texts() -> list[str]:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import yaml
 from tokenizers import Tokenizer
 
-from corpus import open_dataset
+from moe_cpt.store import open_dataset
 
 
 def read_back(store: str, spec: str) -> dict[str, np.ndarray]:

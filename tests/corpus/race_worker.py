@@ -50,10 +50,10 @@ def wait_for_go(barrier: Path, deadline_s: float = 300.0) -> None:
 def publish(store: str, name: str, tokenizer: str, seed: int, barrier: Path) -> None:
     import numpy as np
 
-    from corpus.publish import publish_documents
-    from corpus.shard_set import PackingConfig
-    from corpus.store import Store
-    from corpus.tokenizer import tokenizer_info
+    from moe_cpt.corpus.publish import publish_documents
+    from moe_cpt.corpus.shard_writer import PackingConfig
+    from moe_cpt.corpus.tokenizer import tokenizer_info
+    from moe_cpt.store.object_store import Store
 
     data = Path(tokenizer).read_bytes()
     info = tokenizer_info(data, tokenizer)
@@ -71,8 +71,8 @@ def publish(store: str, name: str, tokenizer: str, seed: int, barrier: Path) -> 
 
 
 def hold_lock(work_dir: str, barrier: Path) -> None:
-    from corpus.lock import acquire_build_lock
-    from cpt.fs import open_fs
+    from moe_cpt.corpus.lock import acquire_build_lock
+    from moe_cpt.fs import open_fs
 
     fs, path = open_fs(work_dir)
     acquire_build_lock(fs, path, "a test build")
@@ -83,14 +83,14 @@ def hold_lock(work_dir: str, barrier: Path) -> None:
 def corpus_cli(argv: list[str]) -> int:
     import argparse
 
-    from corpus import cli
-    from cpt.errors import CptError
+    from moe_cpt.corpus import cli
+    from moe_cpt.errors import CptError
 
     parser = argparse.ArgumentParser(prog="cpt")
     cli.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    import corpus.store  # noqa: F401 - everything the command needs is imported before the start signal
-    import cpt.fs  # noqa: F401
+    import moe_cpt.fs  # noqa: F401
+    import moe_cpt.store.object_store  # noqa: F401 - everything the command needs is imported before the start signal
 
     if os.environ.get("RACE_BARRIER"):
         wait_for_go(Path(os.environ["RACE_BARRIER"]))

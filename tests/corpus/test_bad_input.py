@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from corpus.build import build_dataset
-from corpus.config import ExecutorConfig, load_config
-from corpus.store import Store
-from cpt.cli import main
-from cpt.errors import ConfigError, CptError
+from moe_cpt.cli import main
+from moe_cpt.corpus.build import build_dataset
+from moe_cpt.corpus.config import ExecutorConfig, load_config
+from moe_cpt.errors import ConfigError, CptError
+from moe_cpt.store.object_store import Store
 from tests.corpus.helpers import write_config, write_jsonl
 
 ONE = ExecutorConfig(workers=1)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from corpus.build import build_dataset
-from corpus.config import ExecutorConfig, load_config
+from moe_cpt.corpus.build import build_dataset
+from moe_cpt.corpus.config import ExecutorConfig, load_config
 from tests.corpus.helpers import read_back, write_config, write_jsonl
 
 

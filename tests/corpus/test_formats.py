@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from corpus.build import build_dataset
-from corpus.config import ExecutorConfig, load_config
+from moe_cpt.corpus.build import build_dataset
+from moe_cpt.corpus.config import ExecutorConfig, load_config
 from tests.corpus.helpers import assert_roundtrip, write_config, write_jsonl, write_parquet
 
 ONE_WORKER = ExecutorConfig(workers=1)

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from corpus.publish import publish_documents
-from corpus.shard_set import PackingConfig
-from corpus.store import Store
-from corpus.tokenizer import tokenizer_info
-from cpt.cli import main
-from cpt.errors import ConfigError, IntegrityError
-from cpt.fs import open_fs
+from moe_cpt.cli import main
+from moe_cpt.corpus.publish import publish_documents
+from moe_cpt.corpus.shard_writer import PackingConfig
+from moe_cpt.corpus.tokenizer import tokenizer_info
+from moe_cpt.errors import ConfigError, IntegrityError
+from moe_cpt.fs import open_fs
+from moe_cpt.store.object_store import Store
 
 REPO = Path(__file__).resolve().parents[2]
 DEADLINE_S = 600  # generous: the machine is shared
@@ -177,7 +177,7 @@ def test_empty_old_refs_json_is_repaired_from_manifests(tmp_path: Path, tokenize
 
 
 def test_local_writes_leave_no_temporary_files(tmp_path: Path, tokenizer_path: Path) -> None:
-    from cpt.fs import write_bytes_atomic
+    from moe_cpt.fs import write_bytes_atomic
 
     store = str(tmp_path / "store")
     _publish(store, "d", tokenizer_path, 0)

@@ -17,17 +17,17 @@ import pytest
 import yaml
 import zstandard
 
-from corpus import open_dataset
-from corpus.build import build_dataset, compute_build_key, plan_inputs
-from corpus.config import ExecutorConfig, load_config
-from corpus.lock import acquire_build_lock
-from corpus.store import Store
-from corpus.tokenize_step import piece_bounds
-from corpus.tokenizer import read_tokenizer_bytes, tokenizer_info
-from corpus.verify import verify_version
-from cpt.cli import main
-from cpt.errors import BusyError, InputDataError
-from infra.local_s3 import free_port
+from moe_cpt.cli import main
+from moe_cpt.corpus.build import build_dataset, compute_build_key, plan_inputs
+from moe_cpt.corpus.config import ExecutorConfig, load_config
+from moe_cpt.corpus.lock import acquire_build_lock
+from moe_cpt.corpus.tokenize_step import piece_bounds
+from moe_cpt.corpus.tokenizer import read_tokenizer_bytes, tokenizer_info
+from moe_cpt.errors import BusyError, InputDataError
+from moe_cpt.infra.local_s3 import free_port
+from moe_cpt.store import open_dataset
+from moe_cpt.store.object_store import Store
+from moe_cpt.store.verify import verify_version
 from tests.corpus.helpers import read_back, write_config, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ def _records(n: int, start: int = 0) -> list[dict]:
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cpt.cli", *argv], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "moe_cpt.cli", *argv], cwd=REPO, capture_output=True, text=True,
                           timeout=DEADLINE_S)
 
 
@@ -218,7 +218,7 @@ def test_damaged_manifest_is_listed_not_fatal(built: tuple[str, str], tmp_path: 
 def test_ls_with_the_endpoint_down_is_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "x",
            "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1"}
-    res = subprocess.run([sys.executable, "-m", "cpt.cli", "corpus", "ls", "--store", "s3://some-bucket/store"],
+    res = subprocess.run([sys.executable, "-m", "moe_cpt.cli", "corpus", "ls", "--store", "s3://some-bucket/store"],
                          cwd=REPO, capture_output=True, text=True, env=env, timeout=DEADLINE_S)
     assert res.returncode == 2
     assert "cannot reach the object store" in _one_error_line(res.stderr)
@@ -229,7 +229,7 @@ def test_no_credentials_is_one_line(s3_server, tmp_path: Path) -> None:
     env.update({"AWS_ENDPOINT_URL": s3_server.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1",
                 "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none"),
                 "AWS_EC2_METADATA_DISABLED": "true"})
-    res = subprocess.run([sys.executable, "-m", "cpt.cli", "corpus", "ls", "--store", "s3://some-bucket/store"],
+    res = subprocess.run([sys.executable, "-m", "moe_cpt.cli", "corpus", "ls", "--store", "s3://some-bucket/store"],
                          cwd=REPO, capture_output=True, text=True, env=env, timeout=DEADLINE_S)
     assert res.returncode == 2
     assert "no credentials" in _one_error_line(res.stderr)
@@ -311,7 +311,7 @@ def test_two_identical_builds_at_once_do_not_break_each_other(tmp_path: Path, te
     cfg_path = write_config(tmp_path / "c.yaml", name="twin", inputs=["in"], tokenizer=str(tokenizer_path),
                             dedup={"exact": True, "minhash": {"enabled": True}})
     store = str(tmp_path / "store")
-    cmd = [sys.executable, "-m", "cpt.cli", "corpus", "build", str(cfg_path), "--store", store, "--workers", "1"]
+    cmd = [sys.executable, "-m", "moe_cpt.cli", "corpus", "build", str(cfg_path), "--store", store, "--workers", "1"]
     procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=DEADLINE_S), p.stderr.read()) for p in procs]
     for rc, err in results:
@@ -385,7 +385,7 @@ def test_a_huge_document_is_cut_into_blocks_with_bounded_memory(tmp_path: Path, 
     del text
     cfg = write_config(tmp_path / "c.yaml", name="huge", inputs=["in"], tokenizer=str(tokenizer_path), tasks=1,
                        packing={"block_tokens": 4096, "shard_bytes": 1 << 24})
-    build = [sys.executable, "-m", "cpt.cli", "corpus", "build", str(cfg), "--store", str(tmp_path / "store"),
+    build = [sys.executable, "-m", "moe_cpt.cli", "corpus", "build", str(cfg), "--store", str(tmp_path / "store"),
              "--workers", "1"]
     # a fresh parent whose only child is the build: RUSAGE_CHILDREN is then the build's peak alone
     res = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(build)], cwd=REPO, capture_output=True,

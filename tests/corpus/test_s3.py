@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import s3fs
 
-from corpus import open_dataset
-from corpus.build import build_dataset
-from corpus.config import ExecutorConfig, load_config
-from corpus.verify import verify_version
-from cpt.errors import ConfigError
+from moe_cpt.corpus.build import build_dataset
+from moe_cpt.corpus.config import ExecutorConfig, load_config
+from moe_cpt.errors import ConfigError
+from moe_cpt.store import open_dataset
+from moe_cpt.store.verify import verify_version
 from tests.corpus.helpers import assert_roundtrip, write_config, write_jsonl
 
 

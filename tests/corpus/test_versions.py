@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from corpus import open_dataset
-from corpus.build import build_dataset
-from corpus.config import ExecutorConfig, load_config
-from corpus.reader import BlockRef
-from corpus.store import Store
-from corpus.verify import verify_version
-from cpt.cli import main
-from cpt.errors import IntegrityError, NotFoundError
+from moe_cpt.cli import main
+from moe_cpt.corpus.build import build_dataset
+from moe_cpt.corpus.config import ExecutorConfig, load_config
+from moe_cpt.errors import IntegrityError, NotFoundError
+from moe_cpt.store import open_dataset
+from moe_cpt.store.object_store import Store
+from moe_cpt.store.reader import BlockRef
+from moe_cpt.store.verify import verify_version
 from tests.corpus.helpers import write_config, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,7 +84,7 @@ def test_killed_build_leaves_no_version_and_rerun_resumes(tmp_path: Path, texts:
     cfg_path = write_config(tmp_path / "c.yaml", name="big", inputs=["in"], tokenizer=str(tokenizer_path),
                             dedup={"exact": True, "minhash": {"enabled": False}})
     store_dir = tmp_path / "store"
-    cmd = [sys.executable, "-m", "cpt.cli", "corpus", "build", str(cfg_path), "--store", str(store_dir),
+    cmd = [sys.executable, "-m", "moe_cpt.cli", "corpus", "build", str(cfg_path), "--store", str(store_dir),
            "--workers", "1", "--keep-work"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

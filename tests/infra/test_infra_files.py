@@ -2,7 +2,7 @@
 
 No cluster or Docker daemon here: compose is checked as YAML against what the services need,
 the launch scripts with ``bash -n``, the executor option files by building datatrove's
-executors through ``corpus.build.make_executor``, and every ``cpt`` command the files run is
+executors through ``moe_cpt.corpus.build.make_executor``, and every ``cpt`` command the files run is
 parsed by the real CLI parser.
 """
 
@@ -16,10 +16,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from corpus.build import make_executor
-from corpus.config import ExecutorConfig
-from cpt.cli import build_parser
-from mixer.spec import load_spec
+from moe_cpt.cli import build_parser
+from moe_cpt.corpus.build import make_executor
+from moe_cpt.corpus.config import ExecutorConfig
+from moe_cpt.mixer.spec import load_spec
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 
@@ -66,7 +66,7 @@ def test_launch_scripts_are_valid_bash_running_the_trainer(script: str) -> None:
     path = INFRA / script
     subprocess.run(["bash", "-n", str(path)], check=True)
     text = path.read_text()
-    assert "-m torch.distributed.run" in text and "-m trainer" in text
+    assert "-m torch.distributed.run" in text and "-m moe_cpt.trainer" in text
 
 
 @pytest.mark.parametrize("kind,options", [("slurm", "slurm/corpus_build.yaml"),
@@ -83,7 +83,7 @@ def test_executor_options_build_datatrove_executors(kind: str, options: str, tmp
 def test_slurm_script_asks_for_the_pre_timeout_signal_that_the_trainer_handles() -> None:
     """SIGUSR1 before the time limit; torchrun must ignore it (the workers checkpoint and requeue:
     tests/trainer/test_process_lifetime.py sends the real signal to a real training)."""
-    from trainer.signals import PREEMPT_SIGNAL
+    from moe_cpt.trainer.signals import PREEMPT_SIGNAL
 
     text = (INFRA / "slurm" / "train.sbatch").read_text()
     assert f"--signal={PREEMPT_SIGNAL.name.removeprefix('SIG')}@" in text and "#SBATCH --requeue" in text

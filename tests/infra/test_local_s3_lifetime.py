@@ -1,4 +1,4 @@
-"""``python -m infra.local_s3`` takes its moto child with it (issue 11.10): on SIGTERM (it used to
+"""``python -m moe_cpt.infra.local_s3`` takes its moto child with it (issue 11.10): on SIGTERM (it used to
 leave the child listening) and when killed with SIGKILL (parent-death signal)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.local_s3 import free_port
+from moe_cpt.infra.local_s3 import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,7 +44,7 @@ def _answers(port: int) -> bool:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_stopping_local_s3_stops_its_moto_child(sig: signal.Signals) -> None:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "infra.local_s3", "--port", str(port)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "moe_cpt.infra.local_s3", "--port", str(port)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert _wait(lambda: _answers(port), 60), "local S3 did not start"

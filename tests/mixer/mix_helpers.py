@@ -8,10 +8,10 @@ import sys
 import numpy as np
 from tokenizers import Tokenizer, models
 
-from corpus.manifest import TokenizerInfo
-from corpus.publish import publish_documents
-from corpus.shard_set import PackingConfig
-from corpus.tokenizer import tokenizer_info
+from moe_cpt.corpus.publish import publish_documents
+from moe_cpt.corpus.shard_writer import PackingConfig
+from moe_cpt.corpus.tokenizer import tokenizer_info
+from moe_cpt.store.manifest import TokenizerInfo
 
 VOCAB = 512
 
@@ -92,9 +92,9 @@ def consume_rank(spec_: dict, rank: int, world: int, cache_dir: str, samples: in
     """One data-parallel rank in its own process (multiprocessing spawn target): consume
     ``samples`` samples through a disk cache at ``cache_dir``; what it used and fetched."""
     # here, not at the top: mixer.dataset imports torch, and tests/runs and tests/study use these helpers
-    from mixer.blocks import CacheConfig
-    from mixer.dataset import open_blend
-    from mixer.stream import MixStream
+    from moe_cpt.mixer.blocks import CacheConfig
+    from moe_cpt.mixer.dataset import open_blend
+    from moe_cpt.mixer.stream import MixStream
 
     blend, dss = open_blend(spec_)
     ms = MixStream(blend, dss, rank, world, CacheConfig(disk_dir=cache_dir, prefetch_samples=16))

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixer.blocks import Block, CacheConfig
-from mixer.dataset import MixedDataset, open_blend
-from mixer.stream import MixStream
+from moe_cpt.mixer.blocks import Block, CacheConfig
+from moe_cpt.mixer.dataset import MixedDataset, open_blend
+from moe_cpt.mixer.stream import MixStream
 from tests.mixer.mix_helpers import spec
 
 W3 = {"new": 0.6, "replay": 0.25, "code": 0.15}

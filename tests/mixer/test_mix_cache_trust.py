@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cpt.errors import ConfigError
-from mixer.blocks import BlockLoader, CacheConfig
-from mixer.dataset import open_blend
+from moe_cpt.errors import ConfigError
+from moe_cpt.mixer.blocks import BlockLoader, CacheConfig
+from moe_cpt.mixer.dataset import open_blend
 from tests.mixer.mix_helpers import spec
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from corpus.reader import open_dataset
-from corpus.shards import decode_block, decode_block_into
-from cpt.errors import IntegrityError
-from mixer.blocks import BlockLoader, CacheConfig, DiskCache
-from mixer.dataset import MixedDataset
-from mixer.schedule import Knot, MixPoint, WeightSchedule, plan_step
+from moe_cpt.errors import IntegrityError
+from moe_cpt.mixer.blocks import BlockLoader, CacheConfig, DiskCache
+from moe_cpt.mixer.dataset import MixedDataset
+from moe_cpt.mixer.schedule import Knot, MixPoint, WeightSchedule, plan_step
+from moe_cpt.store.reader import open_dataset
+from moe_cpt.store.shard_format import decode_block, decode_block_into
 from tests.mixer.mix_helpers import publish, spec
 
 W = {"new": 0.75, "replay": 0.25}

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from corpus import open_dataset
-from cpt.errors import ConfigError
-from mixer.dataset import MixedDataset, open_blend
-from mixer.holdout import auto_tokens
-from mixer.spec import blend_from_json
-from mixer.stream import MixStream
+from moe_cpt.errors import ConfigError
+from moe_cpt.mixer.dataset import MixedDataset, open_blend
+from moe_cpt.mixer.holdout import auto_tokens
+from moe_cpt.mixer.spec import blend_from_json
+from moe_cpt.mixer.stream import MixStream
+from moe_cpt.store import open_dataset
 from tests.mixer.mix_helpers import spec
 
 

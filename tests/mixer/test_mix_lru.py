@@ -3,7 +3,7 @@ dropped first."""
 
 from __future__ import annotations
 
-from mixer.lru import LruCache
+from moe_cpt.mixer.lru import LruCache
 
 
 def test_lru_cache_makes_each_value_once_and_drops_the_least_recently_used() -> None:

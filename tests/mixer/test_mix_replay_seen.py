@@ -17,18 +17,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cpt.cli import main
-from cpt.errors import ConfigError
-from cpt.fs import dumps_canonical
-from cpt.hashing import sha256_hex
-from mixer.blocks import CacheConfig
-from mixer.dataset import MixedDataset, open_blend
-from mixer.replay import SeenPacking
-from mixer.schedule import MixPoint, advance, expected_counts
-from mixer.service.client import ClientConfig, ServiceMixedDataset
-from mixer.service.server import MixService, ServiceConfig
-from mixer.spec import ALGORITHM, blend_from_json, resolve
-from mixer.stream import MixState, MixStream
+from moe_cpt.cli import main
+from moe_cpt.errors import ConfigError
+from moe_cpt.fs import dumps_canonical
+from moe_cpt.hashing import sha256_hex
+from moe_cpt.mixer.blocks import CacheConfig
+from moe_cpt.mixer.dataset import MixedDataset, open_blend
+from moe_cpt.mixer.replay import SeenPacking
+from moe_cpt.mixer.schedule import MixPoint, advance, expected_counts
+from moe_cpt.mixer.service.client import ClientConfig, ServiceMixedDataset
+from moe_cpt.mixer.service.server import MixService, ServiceConfig
+from moe_cpt.mixer.spec import ALGORITHM, blend_from_json, resolve
+from moe_cpt.mixer.state import MixState
+from moe_cpt.mixer.stream import MixStream
 from tests.mixer.mix_helpers import spec
 
 PARENT_W = {"replay": 0.6, "code": 0.4}

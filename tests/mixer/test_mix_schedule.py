@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpt.errors import ConfigError
-from mixer.schedule import D, Knot, MixPoint, WeightSchedule, advance, plan_step
+from moe_cpt.errors import ConfigError
+from moe_cpt.mixer.schedule import D, Knot, MixPoint, WeightSchedule, advance, plan_step
 
 
 def sequence(schedule: WeightSchedule, gbs: int, steps: int) -> np.ndarray:

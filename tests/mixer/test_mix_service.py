@@ -19,14 +19,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cpt.errors import ConfigError, CptError
-from cpt.runs import RunCatalog
-from mixer.blocks import CacheConfig
-from mixer.dataset import MixedDataset, open_blend
-from mixer.service import wire
-from mixer.service.client import ClientConfig, ServiceMixedDataset
-from mixer.service.server import MixService, ServiceConfig
-from mixer.stream import MixState, MixStream
+from moe_cpt.errors import ConfigError, CptError
+from moe_cpt.mixer.blocks import CacheConfig
+from moe_cpt.mixer.dataset import MixedDataset, open_blend
+from moe_cpt.mixer.service import wire
+from moe_cpt.mixer.service.client import ClientConfig, ServiceMixedDataset
+from moe_cpt.mixer.service.server import MixService, ServiceConfig
+from moe_cpt.mixer.state import MixState
+from moe_cpt.mixer.stream import MixStream
+from moe_cpt.provenance.catalog import RunCatalog
 from tests.mixer.mix_helpers import TcpProxy, publish, spec
 
 W3 = {"new": 0.7, "replay": 0.2, "code": 0.1}
@@ -331,7 +332,7 @@ def test_binding_off_loopback_needs_a_token(blend_dss, mix_store, tmp_path: Path
     p = tmp_path / "blend.json"
     p.write_text(json.dumps(blend.to_json()))
     env = {k: v for k, v in os.environ.items() if k != "CPT_MIX_TOKEN"}
-    out = subprocess.run([sys.executable, "-m", "cpt.cli", "mix", "serve", str(p), "--host", "0.0.0.0",
+    out = subprocess.run([sys.executable, "-m", "moe_cpt.cli", "mix", "serve", str(p), "--host", "0.0.0.0",
                           "--port", "0"], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
     assert "needs a shared token" in out.stderr
@@ -356,7 +357,7 @@ def test_data_that_becomes_unreadable_mid_stream_is_one_clear_client_error(tmp_p
 
 
 def _start_server(resolved: Path, port: int, token: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "cpt.cli", "mix", "serve", str(resolved), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "moe_cpt.cli", "mix", "serve", str(resolved), "--port", str(port)],
                             stdout=subprocess.PIPE, text=True, env=os.environ | {"CPT_MIX_TOKEN": token})
     line = proc.stdout.readline()
     assert f"on http://127.0.0.1:{port} (bearer token required)" in line, line

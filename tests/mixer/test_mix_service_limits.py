@@ -22,9 +22,9 @@ import time
 
 import pytest
 
-from mixer.blocks import CacheConfig
-from mixer.dataset import open_blend
-from mixer.service.server import MixService, ServiceConfig
+from moe_cpt.mixer.blocks import CacheConfig
+from moe_cpt.mixer.dataset import open_blend
+from moe_cpt.mixer.service.server import MixService, ServiceConfig
 from tests.mixer.mix_helpers import spec
 
 SLOW = 150

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from cpt.cli import main
-from cpt.errors import ConfigError, CptError, NotFoundError
-from mixer.spec import blend_from_json, resolve
+from moe_cpt.cli import main
+from moe_cpt.errors import ConfigError, CptError, NotFoundError
+from moe_cpt.mixer.spec import blend_from_json, resolve
 from tests.mixer.mix_helpers import make_tokenizer, publish, spec
 
 

@@ -9,11 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from corpus import open_dataset
-from cpt.errors import ConfigError
-from mixer.blocks import CacheConfig
-from mixer.dataset import MixedDataset, open_blend
-from mixer.stream import MixState, MixStream, Worker
+from moe_cpt.errors import ConfigError
+from moe_cpt.mixer.blocks import CacheConfig
+from moe_cpt.mixer.dataset import MixedDataset, open_blend
+from moe_cpt.mixer.state import MixState, Worker
+from moe_cpt.mixer.stream import MixStream
+from moe_cpt.store import open_dataset
 from tests.mixer.mix_helpers import spec
 
 HC = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]

@@ -1,4 +1,4 @@
-"""The run catalog (cpt/runs.py), the trainer's run record hook (trainer/run_record.py) and the
+"""The run catalog (provenance/catalog.py), the trainer's run record hook (provenance/record.py) and the
 `cpt runs` / `cpt corpus show` commands, on small real stores (local folders and the local S3
 endpoint), with real blends resolved by the mixer."""
 
@@ -16,21 +16,17 @@ from typing import Any
 
 import pytest
 
-from corpus.store import Store
-from cpt.cli import main
-from cpt.errors import NotFoundError
-from cpt.runs import (
-    RunCatalog,
-    check_readable,
-    lineage,
-    record_mix_stream,
-    tokens_per_source_version,
-)
-from mixer.spec import resolve
+from moe_cpt.store.object_store import Store
+from moe_cpt.cli import main
+from moe_cpt.errors import NotFoundError
+from moe_cpt.mixer.stream_record import record_mix_stream
+from moe_cpt.provenance.catalog import RunCatalog
+from moe_cpt.provenance.lineage import check_readable, lineage
+from moe_cpt.provenance.schema import tokens_per_source_version
+from moe_cpt.mixer.spec import resolve
 from tests.mixer.mix_helpers import publish, spec
-from trainer.run_record import (
+from moe_cpt.provenance.record import (
     RUN_EVENTS,
-    check_inputs_readable,
     read_run_events,
     read_run_record,
     write_run_record,
@@ -135,7 +131,7 @@ def test_synthetic_run_stays_local(tmp_path: Path, store: dict) -> None:
     rec = _train(tmp_path / "syn", "syn-a", None, steps=3)
     assert rec["tokens_per_source_version"] == {}
     assert RunCatalog(store["url"]).run_ids() == before
-    check_inputs_readable(rec)  # nothing to open: passes
+    check_readable(rec)  # nothing to open: passes
 
 
 # ---- crashes never corrupt a record ------------------------------------------------------------
@@ -151,7 +147,7 @@ def test_torn_and_garbled_events_are_ignored(tmp_path: Path, caplog: pytest.LogC
     garbled["event"]["record"]["status"] = "finished"  # payload no longer matches its checksum
     (folder / "0000000002-finished-0badbeef.json").write_text(json.dumps(garbled))
     (folder / ".0000000003-x.json.tmp-1234").write_bytes(b"{")  # a crashed writer's temp file
-    with caplog.at_level(logging.WARNING, logger="cpt.runs"):
+    with caplog.at_level(logging.WARNING, logger="moe_cpt.provenance.catalog"):
         run = cat.get("r1")
     assert run.record == good and run.events == 1
     assert run.skipped == ["0000000001-checkpoint-0badc0de.json", "0000000002-finished-0badbeef.json"]
@@ -163,7 +159,7 @@ def test_torn_and_garbled_events_are_ignored(tmp_path: Path, caplog: pytest.LogC
 
 _WRITER = r"""
 import sys
-from cpt.runs import RunCatalog
+from moe_cpt.provenance.catalog import RunCatalog
 cat = RunCatalog(sys.argv[1])
 i = 0
 while True:
@@ -260,13 +256,13 @@ def test_check_readable_names_every_lost_version(tmp_path: Path) -> None:
     c = publish(url, "c", 3, 60)
     blend = resolve(spec(url, {"a": 0.4, "b": 0.3, "c": 0.3}))[0].to_json()
     rec = _train(tmp_path / "run", "lost", blend, steps=2)
-    check_inputs_readable(rec)  # all there
+    check_readable(rec)  # all there
     store = Store(url)
     os.remove(store.version_path("a", a, "manifest.json"))
     manifest = store.load_manifest("b", b)
     os.remove(store.version_path("b", b, manifest.shards[0].path))
     with pytest.raises(NotFoundError) as err:
-        check_inputs_readable(rec)
+        check_readable(rec)
     msg = str(err.value)
     assert f"a@{a}" in msg and f"b@{b}" in msg and f"c@{c}" not in msg
     assert "manifest" in msg and "shard" in msg and "\n" not in msg
@@ -325,7 +321,7 @@ def test_s3_catalog(s3_bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFix
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     key = f"{url[5:]}/_runs/s3-run/0000000009-checkpoint-deadbeef.json"
     fs.pipe_file(key, b'{"sha256": "ab", "event": {"rec')
-    with caplog.at_level(logging.WARNING, logger="cpt.runs"):
+    with caplog.at_level(logging.WARNING, logger="moe_cpt.provenance.catalog"):
         assert cat.get("s3-run").record == rec
     assert "ignoring unreadable event" in caplog.text
     check_readable(rec)
@@ -398,9 +394,9 @@ def test_cli_corpus_show_without_runs(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_objects_are_written_once(tmp_path: Path) -> None:
-    from cpt.errors import CptError
-    from cpt.fs import open_fs
-    from cpt.runs import write_once
+    from moe_cpt.errors import CptError
+    from moe_cpt.fs import open_fs
+    from moe_cpt.fs import write_once
 
     cat = RunCatalog(str(tmp_path / "s"))
     assert cat.mark_version("d", "v1", "r1", {"run_id": "r1"}) is True

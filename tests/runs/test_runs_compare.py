@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cpt.cli import main
-from cpt.runs import RunCatalog
+from moe_cpt.cli import main
+from moe_cpt.provenance.catalog import RunCatalog
 
 
 def _run_folder(path: Path, run_id: str, name: str, losses: list[float], resumed_at: int = 0) -> Path:

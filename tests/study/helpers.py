@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from corpus.publish import publish_documents
-from corpus.shard_set import PackingConfig
+from moe_cpt.corpus.publish import publish_documents
+from moe_cpt.corpus.shard_writer import PackingConfig
 from tests.mixer.mix_helpers import make_tokenizer
 from tests.trainer.mixer_data import VOCAB, lang_a, lang_b, publish_language
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.study import curves
+from moe_cpt.trainer.study import curves
 
 
 def _write(path: Path, rows: list[dict], torn: bool = False) -> None:

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import yaml
 
-from cpt.cli import main
-from cpt.errors import ConfigError
+from moe_cpt.cli import main
+from moe_cpt.errors import ConfigError
+from moe_cpt.trainer.config import load_config
+from moe_cpt.trainer.study.grid import derive_runs, level_tag
+from moe_cpt.trainer.study.runner import prepare
+from moe_cpt.trainer.study.schema import PinnedData, load_study, parse_study
 from tests.study.helpers import make_store, micro_study, write_study
-from trainer.config import load_config
-from trainer.study.grid import derive_runs, level_tag
-from trainer.study.runner import prepare
-from trainer.study.schema import PinnedData, load_study, parse_study
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -138,7 +138,7 @@ def test_dry_run_prints_every_command_and_config(tmp_path: Path, store: str,
     path = write_study(tmp_path / "micro.yaml", micro_study(store, tmp_path / "s"))
     assert main(["study", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert out.count("\n## micro/") == 8 and out.count("-m trainer ") == 8
+    assert out.count("\n## micro/") == 8 and out.count("-m moe_cpt.trainer ") == 8
     assert "(after dense/pretrain)" in out and "replay: seen" in out
     assert not (tmp_path / "s").exists()  # a dry run writes nothing
 
@@ -148,7 +148,7 @@ def test_progress_shows_state_step_and_eta(tmp_path: Path, store: str) -> None:
     import json as _json
     import time
 
-    from trainer.study.runner import Lane, Progress, run_states
+    from moe_cpt.trainer.study.runner import Lane, Progress, run_states
 
     study = prepare(load_study(write_study(tmp_path / "micro.yaml", micro_study(store, tmp_path / "s"))))
     assert {v["state"] for v in run_states(study).values()} == {"queued"}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from cpt.cli import main
+from moe_cpt.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER = REPO / "trainer" / "configs" / "study" / "paper.yaml"

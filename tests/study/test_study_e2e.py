@@ -25,11 +25,11 @@ from typing import Any
 
 import pytest
 
-from cpt.cli import main
-from cpt.runs import RunCatalog
+from moe_cpt.cli import main
+from moe_cpt.provenance.catalog import RunCatalog
+from moe_cpt.provenance.record import read_run_record
+from moe_cpt.trainer.study import plots
 from tests.study.helpers import make_store, micro_study, write_study
-from trainer.run_record import read_run_record
-from trainer.study import plots
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -59,7 +59,7 @@ def _run_dirs(study: Path) -> list[Path]:
 def _interrupted_past_checkpoint(study: Path) -> Path | None:
     """Once some run finished: a run that is not finished, has a checkpoint, and has logged a
     step after it."""
-    from trainer.study.runner import _current_step
+    from moe_cpt.trainer.study.runner import _current_step
 
     records = {d: read_run_record(d) for d in _run_dirs(study) if (d / "run.json").exists()}
     if not any(r.get("status") == "finished" for r in records.values()):
@@ -77,7 +77,7 @@ def killed(root: Path, store: str) -> dict[str, Any]:
     out = root / "killed"
     path = write_study(root / "killed.yaml", micro_study(store, out))
     log = open(root / "killed-first.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "cpt.cli", "study", str(path)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "moe_cpt.cli", "study", str(path)], cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     victim = None
     try:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from trainer.study.verdicts import (
+from moe_cpt.trainer.study.verdicts import (
     INCONCLUSIVE,
     NO_DATA,
     NOT_REPRODUCED,

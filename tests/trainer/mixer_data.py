@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from corpus.publish import publish_documents
-from corpus.shard_set import PackingConfig
+from moe_cpt.corpus.publish import publish_documents
+from moe_cpt.corpus.shard_writer import PackingConfig
 from tests.mixer.mix_helpers import make_tokenizer
 
 VOCAB = 256

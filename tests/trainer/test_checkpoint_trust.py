@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from trainer.checkpoint_trust import (
+from moe_cpt.trainer.checkpoint_trust import (
     DIGEST_KEY,
     UntrustedCheckpointError,
     digest_checkpoint,
     verify_checkpoint,
 )
-from trainer.launcher import launch
-from trainer.lineage import check_checkpoint
+from moe_cpt.trainer.launcher import launch
+from moe_cpt.trainer.resume import check_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "trainer" / "configs" / "tiny_moe.yaml"
@@ -73,7 +73,7 @@ def test_a_worker_started_directly_refuses_before_unpickling(tmp_path: Path) -> 
     """``python -m trainer`` (what torchrun runs) checks again in the process itself."""
     marker = tmp_path / "pwned"
     parent = _malicious_parent(tmp_path, marker)
-    done = subprocess.run([sys.executable, "-m", "trainer", str(CONFIG), *_cpt_args(tmp_path, parent)],
+    done = subprocess.run([sys.executable, "-m", "moe_cpt.trainer", str(CONFIG), *_cpt_args(tmp_path, parent)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("cpt: error:")]

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-import trainer  # noqa: F401
-from cpt.errors import ConfigError
-from trainer import cli, init_guard
-from trainer.config import load_config, parse_override
-from trainer.evaluation import max_violation, routing_change
-from trainer.launcher import torchrun_command
-from trainer.models import build_model_config
-from trainer.schedules import lr_scheduler_config
+import moe_cpt.trainer  # noqa: F401
+from moe_cpt.errors import ConfigError
+from moe_cpt.trainer import cli, init_guard
+from moe_cpt.trainer.config import load_config, parse_override
+from moe_cpt.trainer.evaluation import max_violation, routing_change
+from moe_cpt.trainer.launcher import torchrun_command
+from moe_cpt.trainer.models import build_model_config
+from moe_cpt.trainer.schedules import lr_scheduler_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "trainer" / "configs"
 
@@ -80,7 +80,7 @@ def test_torchrun_command() -> None:
     cmd = torchrun_command("c.yaml", ["a.b=1"], 2)
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
     assert cmd[cmd.index("--nproc-per-node") + 1] == "2"
-    assert cmd[-3:] == ["trainer", "c.yaml", "a.b=1"]
+    assert cmd[-3:] == ["moe_cpt.trainer", "c.yaml", "a.b=1"]
 
 
 def _lrs(schedule: dict, steps: int) -> list[float]:

@@ -1,4 +1,4 @@
-"""(j) of :mod:`trainer.cpu_compat`: on CPU torchtitan's ``GroupedExperts`` computes in fp32.
+"""(j) of :mod:`moe_cpt.trainer.cpu_compat`: on CPU torchtitan's ``GroupedExperts`` computes in fp32.
 
 The reference is a hand-written per-expert loop of torchtitan's formula (``models/common/
 moe.py``): for the rows of expert ``e`` (contiguous, in expert order, ``counts[e]`` of them),
@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import trainer  # noqa: F401  (triton stub before torchtitan's MoE modules)
-from trainer import cpu_compat
-from trainer.models import SHAPES, build_model_config
+import moe_cpt.trainer  # noqa: F401  (triton stub before torchtitan's MoE modules)
+from moe_cpt.trainer import cpu_compat
+from moe_cpt.trainer.models import SHAPES, build_model_config
 
 # imported after `import trainer` (its triton stub: torchtitan's MoE modules import triton)
 _tt_moe = importlib.import_module("torchtitan.models.common.moe")
@@ -236,11 +236,11 @@ def _run(code: str) -> str:
 def test_without_apply_torchtitans_path_is_untouched() -> None:
     out = _run("""
         import torch
-        import trainer
-        from trainer import cpu_compat
-        import trainer.models
+        import moe_cpt.trainer
+        from moe_cpt.trainer import cpu_compat
+        import moe_cpt.trainer.models
         from torchtitan.models.common.moe import GroupedExperts
-        assert not cpu_compat._APPLIED and not cpu_compat.fp32_experts_installed()
+        assert not cpu_compat.applied() and not cpu_compat.fp32_experts_installed()
         for name in ("forward", "_grouped_mm"):
             fn = getattr(GroupedExperts, name)
             assert fn.__module__ == "torchtitan.models.common.moe", fn
@@ -252,7 +252,7 @@ def test_without_apply_torchtitans_path_is_untouched() -> None:
             seen.append((A.dtype, B.dtype))
             return original(A, B, **kw)
         torch._grouped_mm = spy
-        cfg = trainer.models.build_model_config("tiny_moe").layers[0].moe.routed_experts
+        cfg = moe_cpt.trainer.models.build_model_config("tiny_moe").layers[0].moe.routed_experts
         experts = cfg.inner_experts.build()
         with torch.no_grad():
             for p in experts.parameters():
@@ -269,8 +269,8 @@ def test_without_apply_torchtitans_path_is_untouched() -> None:
 
 def test_apply_leaves_grouped_experts_alone_with_cuda() -> None:
     out = _run("""
-        import trainer
-        from trainer import cpu_compat
+        import moe_cpt.trainer
+        from moe_cpt.trainer import cpu_compat
         cpu_compat.cuda_present = lambda: True
         assert cpu_compat.apply() is False
         from torchtitan.models.common.moe import GroupedExperts

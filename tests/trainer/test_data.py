@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import trainer  # noqa: F401
-from cpt.errors import ConfigError
-from trainer.attention import document_causal_mask
-from trainer.data import CptDataLoader, build_source, rebase_positions
-from trainer.synthetic_data import EOS, SyntheticSource, sample
+import moe_cpt.trainer  # noqa: F401
+from moe_cpt.errors import ConfigError
+from moe_cpt.trainer.attention import document_causal_mask
+from moe_cpt.trainer.data import CptDataLoader, build_source, rebase_positions
+from moe_cpt.trainer.synthetic_data import EOS, SyntheticSource, sample
 
 
 def _take(src: SyntheticSource, n: int) -> list[dict]:
@@ -77,7 +77,7 @@ def test_loader_batches_and_counts_tokens() -> None:
 def test_mixer_kind_without_mixer_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    monkeypatch.setitem(sys.modules, "mixer.dataset", None)  # import fails
+    monkeypatch.setitem(sys.modules, "moe_cpt.mixer.dataset", None)  # import fails
     cfg = CptDataLoader.Config(kind="mixer", blend="blend.yaml")
     with pytest.raises(ConfigError, match="mixer not available"):
         build_source(cfg, seq_len=8, global_batch_size=2, rank=0, world_size=1)

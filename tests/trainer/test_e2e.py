@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from trainer.launcher import launch
+from moe_cpt.trainer.launcher import launch
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cpt.errors import NotFoundError
-from trainer.lineage import check_run_inputs
+from moe_cpt.errors import NotFoundError
+from moe_cpt.trainer.resume import check_run_inputs
 
 
 def _record(store: Path) -> dict:

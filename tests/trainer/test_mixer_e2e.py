@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from cpt.errors import NotFoundError
+from moe_cpt.errors import NotFoundError
+from moe_cpt.provenance import logs as run_logs
+from moe_cpt.trainer.data import sample_hash
+from moe_cpt.trainer.launcher import launch
 from tests.trainer.mixer_data import lang_a, lang_b, publish_language, write_blend
-from trainer import run_logs
-from trainer.data import sample_hash
-from trainer.launcher import launch
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +88,7 @@ def cpt(root: Path, store: str, pretrain: Path) -> Path:
 
 
 def test_pretrain_on_mixer_blend(pretrain: Path) -> None:
-    from mixer.dataset import MixedDataset
+    from moe_cpt.mixer.dataset import MixedDataset
 
     steps = _jsonl(pretrain / "steps.jsonl")
     losses = [r["loss"] for r in steps]
@@ -148,7 +148,7 @@ def test_cpt_rewarms_lr_records_parent_and_logs_forgetting(pretrain: Path, cpt: 
 
 
 def test_cpt_resume_continues_the_recorded_mixer_stream(store: str, cpt: Path) -> None:
-    from mixer.dataset import MixedDataset
+    from moe_cpt.mixer.dataset import MixedDataset
 
     steps = _jsonl(cpt / "steps.jsonl")
     assert [r["step"] for r in steps] == [1, 2, 3, 3, 4]  # crashed after 3, resumed from 2
@@ -174,7 +174,7 @@ def test_cpt_resume_continues_the_recorded_mixer_stream(store: str, cpt: Path) -
 
 def test_resume_refuses_when_a_recorded_version_was_deleted(
         store: str, cpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from trainer import worker
+    from moe_cpt.trainer import worker
 
     version = _record(cpt)["data"]["source_versions"][0].split("@")[1]
     version_dir = Path(store) / "lang_a" / version

@@ -13,14 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-import trainer  # noqa: F401  (CPU compat before torchtitan model imports)
-from cpt.errors import ConfigError, NotFoundError
+import moe_cpt.trainer  # noqa: F401  (CPU compat before torchtitan model imports)
+from moe_cpt.errors import ConfigError, NotFoundError
+from moe_cpt.trainer.data import CptDataLoader, build_source
+from moe_cpt.trainer.evaluation import evaluate
+from moe_cpt.trainer.models import SHAPES, router_config
+from moe_cpt.trainer.resume import check_run_inputs, recorded_blend
+from moe_cpt.trainer.train import CptTrainer
 from tests.trainer.mixer_data import lang_a, lang_b, publish_language, write_blend
-from trainer.data import CptDataLoader, build_source
-from trainer.evaluation import evaluate
-from trainer.lineage import check_run_inputs, recorded_blend
-from trainer.models import SHAPES, router_config
-from trainer.train import CptTrainer
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_service_url_needs_the_client_and_the_token(monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("CPT_TEST_NO_SUCH_TOKEN", raising=False)
     with pytest.raises(ConfigError, match="CPT_TEST_NO_SUCH_TOKEN is not set"):
         build_source(cfg, seq_len=64, global_batch_size=4, rank=0, world_size=1)
-    monkeypatch.setitem(sys.modules, "mixer.service.client", None)  # import fails
+    monkeypatch.setitem(sys.modules, "moe_cpt.mixer.service.client", None)  # import fails
     monkeypatch.setenv("CPT_TEST_NO_SUCH_TOKEN", "secret")
     with pytest.raises(ConfigError, match="mixer service client is not available"):
         build_source(cfg, seq_len=64, global_batch_size=4, rank=0, world_size=1)
@@ -155,7 +155,7 @@ def test_router_balance_per_validation_source() -> None:
 
 def test_resume_and_cpt_check_the_recorded_versions(store: str, tmp_path: Path,
                                                     caplog: pytest.LogCaptureFixture) -> None:
-    from mixer.dataset import MixedDataset
+    from moe_cpt.mixer.dataset import MixedDataset
 
     blend = write_blend(tmp_path / "b.yaml", store, {"lang_a": 1.0})
     ds = MixedDataset(str(blend))
@@ -183,9 +183,9 @@ def test_resume_and_cpt_check_the_recorded_versions(store: str, tmp_path: Path,
 
 def test_service_source_streams_what_the_in_process_mixer_does(
         store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mixer.blocks import CacheConfig
-    from mixer.dataset import open_blend
-    from mixer.service.server import MixService, ServiceConfig
+    from moe_cpt.mixer.blocks import CacheConfig
+    from moe_cpt.mixer.dataset import open_blend
+    from moe_cpt.mixer.service.server import MixService, ServiceConfig
 
     blend = write_blend(tmp_path / "b.yaml", store, {"lang_a": 0.5, "lang_b": 0.5})
     other = write_blend(tmp_path / "other.yaml", store, {"lang_a": 0.5, "lang_b": 0.5}, seed=9)

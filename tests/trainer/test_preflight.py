@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from cpt.errors import ConfigError, CptError
+from moe_cpt.errors import ConfigError, CptError
+from moe_cpt.trainer.config import load_config
+from moe_cpt.trainer.launcher import launch
 from tests.trainer.mixer_data import VOCAB, lang_a, publish_language, write_blend
-from trainer.config import load_config
-from trainer.launcher import launch
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "trainer" / "configs" / "tiny_moe.yaml"
@@ -28,7 +28,7 @@ def blend(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cpt_train(out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cpt.cli", "train", str(CONFIG), f"run.output_dir={out}",
+    return subprocess.run([sys.executable, "-m", "moe_cpt.cli", "train", str(CONFIG), f"run.output_dir={out}",
                            "data.kind=mixer", *overrides], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
 

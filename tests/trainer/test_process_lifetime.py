@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.output_lock import check_free
-from trainer.signals import EXIT_PREEMPTED, descendants
+from moe_cpt.processes import descendants
+from moe_cpt.trainer.output_lock import check_free
+from moe_cpt.trainer.signals import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,7 @@ LONG_RUN = ["training.steps=5000", "checkpoint.interval=100000", "eval.samples_p
 
 def _start(out: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     log = open(out.parent / f"{out.name}.log", "w")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "cpt.cli", "train", str(CONFIG), f"run.output_dir={out}",
+    return subprocess.Popen([sys.executable, "-m", "moe_cpt.cli", "train", str(CONFIG), f"run.output_dir={out}",
                              *LONG_RUN], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, **(env or {})})
 
@@ -70,7 +71,7 @@ def _workers(launcher: int) -> list[int]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"trainer" in cmd and b"torch.distributed.run" not in cmd:
+        if b"moe_cpt.trainer" in cmd and b"torch.distributed.run" not in cmd:
             out.append(pid)
     return out
 
@@ -90,7 +91,7 @@ def test_killing_cpt_train_kills_its_workers_and_a_second_run_is_refused(tmp_pat
         _wait_for_steps(proc, out, 2)
         workers = _workers(proc.pid)
         assert len(workers) == 2, workers
-        second = subprocess.run([sys.executable, "-m", "cpt.cli", "train", str(CONFIG), f"run.output_dir={out}",
+        second = subprocess.run([sys.executable, "-m", "moe_cpt.cli", "train", str(CONFIG), f"run.output_dir={out}",
                                  *LONG_RUN], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert second.returncode == 2
         lines = second.stderr.strip().splitlines()

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-import trainer  # noqa: F401  (CPU compat before torchtitan model imports)
-from trainer.evaluation import max_violation
-from trainer.models import SHAPES, router_config
-from trainer.routers import (
+import moe_cpt.trainer  # noqa: F401  (CPU compat before torchtitan model imports)
+from moe_cpt.trainer.evaluation import max_violation
+from moe_cpt.trainer.models import SHAPES, router_config
+from moe_cpt.trainer.routers import (
     CptRouter,
     collect_router_losses,
     router_z_loss,

@@ -1,11 +1,11 @@
-"""Run logs read one row per step across resumed segments (trainer/run_logs.py)."""
+"""Run logs read one row per step across resumed segments (provenance/logs.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from trainer.run_logs import evals, read_rows, steps, train_rows
+from moe_cpt.provenance.logs import evals, read_rows, steps, train_rows
 
 
 def _write(path: Path, rows: list[dict], torn: str = "") -> None:

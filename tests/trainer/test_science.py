@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import trainer  # noqa: F401  (CPU compat before torchtitan model imports)
-from trainer import cpu_compat
-from trainer.config import load_config
-from trainer.evaluation import EvalResult, routing_saturation
-from trainer.models import (
+import moe_cpt.trainer  # noqa: F401  (CPU compat before torchtitan model imports)
+from moe_cpt.trainer import cpu_compat
+from moe_cpt.trainer.config import load_config
+from moe_cpt.trainer.evaluation import EvalResult, routing_saturation
+from moe_cpt.trainer.models import (
     ROUTER_PRESETS,
     SHAPES,
     TINY_FFN,
@@ -26,8 +26,8 @@ from trainer.models import (
     parameter_counts,
     router_config,
 )
-from trainer.routers import CptRouter, sinkhorn_knopp
-from trainer.routing_metrics import (
+from moe_cpt.trainer.routers import CptRouter, sinkhorn_knopp
+from moe_cpt.trainer.routing_metrics import (
     MoECounts,
     changed_fraction,
     max_violation,
@@ -35,7 +35,7 @@ from trainer.routing_metrics import (
     mri_from_counts,
     saturation,
 )
-from trainer.schedules import cosine_inf_factor, lr_scheduler_config
+from moe_cpt.trainer.schedules import cosine_inf_factor, lr_scheduler_config
 
 # ---- MRI -------------------------------------------------------------------------------------
 
@@ -311,14 +311,14 @@ def test_cpt_under_cosine_inf_starts_at_eta_const() -> None:
     (["model.sinkhorn_tol=0"], "sinkhorn_tol"),
 ])
 def test_bad_science_settings_fail_with_one_line(override: list[str], message: str) -> None:
-    from cpt.errors import ConfigError
+    from moe_cpt.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["schedule.kind=cosine_inf", *override])
 
 
 def test_ep_must_divide_the_routed_experts() -> None:
-    from cpt.errors import ConfigError
+    from moe_cpt.errors import ConfigError
 
     with pytest.raises(ConfigError, match="does not divide the 31 routed experts"):
         load_config(None, ["model.flavor=tiny_granular", "parallel.ep=2"])

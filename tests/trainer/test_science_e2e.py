@@ -23,11 +23,11 @@ import pytest
 import torch
 import yaml
 
+from moe_cpt.trainer.data import sample_hash
+from moe_cpt.trainer.launcher import launch
+from moe_cpt.trainer.models import SHAPES
+from moe_cpt.trainer.schedules import cosine_inf_factor
 from tests.trainer.mixer_data import lang_a, lang_b, publish_language
-from trainer.data import sample_hash
-from trainer.launcher import launch
-from trainer.models import SHAPES
-from trainer.schedules import cosine_inf_factor
 
 pytestmark = pytest.mark.slow
 
@@ -167,7 +167,7 @@ def test_cpt_records_seen_replay_and_its_parent(runs: tuple[str, Path, Path]) ->
 
 def _global_samples(blend: dict[str, Any], steps: int) -> list[list[dict[str, Any]]]:
     """The global samples of each step of a recorded blend, read on one rank."""
-    from mixer.dataset import MixedDataset
+    from moe_cpt.mixer.dataset import MixedDataset
 
     it = iter(MixedDataset(blend, rank=0, world_size=1))
     return [[next(it) for _ in range(4)] for _ in range(steps)]  # global batch 4

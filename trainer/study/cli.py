@@ -7,17 +7,17 @@ import argparse
 import sys
 import time
 
-from cpt.errors import ConfigError
+from moe_cpt.errors import ConfigError
 
 
 def _study(args: argparse.Namespace) -> int:
-    from trainer.study import runner
-    from trainer.study.schema import load_study
+    from moe_cpt.trainer.study import runner
+    from moe_cpt.trainer.study.schema import load_study
 
     if args.target[0] == "report":
         if len(args.target) != 2:
             raise ConfigError("usage: cpt study report DIR")
-        from trainer.study.report import build_report
+        from moe_cpt.trainer.study.report import build_report
 
         index = build_report(runner.from_dir(args.target[1]))
         print(f"report: {index}")
@@ -31,7 +31,7 @@ def _study(args: argparse.Namespace) -> int:
         kind, folder = args.emit
         if kind != "slurm":
             raise ConfigError(f"--emit {kind!r}: only 'slurm' is supported")
-        from trainer.study.slurm import emit
+        from moe_cpt.trainer.study.slurm import emit
 
         study = runner.prepare(spec, offline=args.offline)
         submit = emit(study, folder)
@@ -47,7 +47,7 @@ def _study(args: argparse.Namespace) -> int:
     print(f"study {spec.name} ({study.study_id}): {len(study.plans)} runs in {study.root}, "
           f"{args.lanes or spec.lanes} lane(s)", flush=True)
     runner.run_study(study, lanes=args.lanes)
-    from trainer.study.report import build_report
+    from moe_cpt.trainer.study.report import build_report
 
     index = build_report(study)
     print(f"study {spec.name} finished in {time.monotonic() - t0:.0f} s; report: {index}")

@@ -1,6 +1,6 @@
 """Curve readers: a run's steps, evaluations and routing files, one row per step.
 
-A resumed run repeats the steps after its checkpoint; :func:`trainer.run_logs.read_rows` keeps
+A resumed run repeats the steps after its checkpoint; :func:`moe_cpt.provenance.logs.read_rows` keeps
 each step's row of the latest segment (torn lines skipped). A resumed segment also evaluates
 once at its first step; :func:`eval_rows` with ``planned`` keeps only the steps an
 uninterrupted run evaluates (0, every ``interval``, the last), so a resumed run's curves equal
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from trainer import run_logs
-from trainer.run_record import read_run_record
+from moe_cpt.provenance import logs as run_logs
+from moe_cpt.provenance.record import read_run_record
 
 
 def planned_eval_steps(steps: int, interval: int) -> set[int]:
@@ -29,14 +29,13 @@ def planned_eval_steps(steps: int, interval: int) -> set[int]:
 
 def step_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     """``steps.jsonl``, one row per step (latest segment wins)."""
-    return run_logs.read_rows(Path(run_dir) / "steps.jsonl")
+    return run_logs.steps(run_dir)
 
 
 def eval_rows(run_dir: str | Path, planned: set[int] | None = None) -> list[dict[str, Any]]:
     """Eval rows of ``metrics.jsonl`` (rows without ``kind`` count as eval), one per step;
     with ``planned``, only those steps."""
-    rows = run_logs.read_rows(Path(run_dir) / "metrics.jsonl", kind="eval")
-    return [r for r in rows if planned is None or int(r["step"]) in planned]
+    return [r for r in run_logs.evals(run_dir) if planned is None or int(r["step"]) in planned]
 
 
 def run_record(run_dir: str | Path) -> dict[str, Any]:
@@ -77,7 +76,7 @@ def saturation_by_source(now: dict[str, np.ndarray], ref: dict[str, np.ndarray],
                          sources: list[str]) -> dict[str, dict[str, float]]:
     """``{source: {layer: saturation}}`` of a routing against a reference routing of the same
     evaluation tokens; the rows of each layer are the sources' equal blocks, in order."""
-    from trainer.routing_metrics import saturation_per_token
+    from moe_cpt.trainer.routing_metrics import saturation_per_token
 
     out: dict[str, dict[str, float]] = {s: {} for s in sources}
     for layer in sorted(now, key=lambda name: int(name.split(".")[1]) if "." in name else 0):

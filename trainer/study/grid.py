@@ -1,4 +1,4 @@
-"""Every run of a study, derived from its :class:`~trainer.study.schema.StudySpec`.
+"""Every run of a study, derived from its :class:`~moe_cpt.trainer.study.schema.StudySpec`.
 
 Per model variant (and seed):
 
@@ -11,18 +11,19 @@ Per model variant (and seed):
   pre-training plus CPT steps, A and B in the proportions pre-training + that CPT consumed
   (A: ``P + level*C`` tokens, B: ``(1 - level)*C``), with the pre-training schedule.
 
-Every run's config is a plain ``cpt train`` config (validated by ``trainer.config``), its blend
+Every run's config is a plain ``cpt train`` config (validated by ``moe_cpt.trainer.config``), its blend
 a plain mixer spec; both are written into the study folder before anything starts.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.study.schema import PinnedData, StudySpec, Variant
+from moe_cpt.trainer.study.schema import PinnedData, StudySpec, Variant
 
 PHASE_SEED_OFFSET = {"pretrain": 0, "cpt": 1, "retrain": 2}
 
@@ -148,9 +149,7 @@ def config_for(spec: StudySpec, data: PinnedData, variant: Variant, kind: str, s
 def expert_parallel(flavor: str, nproc: int) -> int:
     """The largest EP degree dividing both the routed experts and the processes (1 for dense;
     the granular flavors' 31 experts give 1: FSDP only)."""
-    import math
-
-    from trainer.models import SHAPES
+    from moe_cpt.trainer.models import SHAPES
 
     shape = SHAPES[flavor]
     return math.gcd(shape.num_experts, nproc) if shape.is_moe else 1
@@ -192,9 +191,9 @@ def derive_runs(spec: StudySpec, data: PinnedData) -> list[RunPlan]:
 def check_configs(plans: list[RunPlan]) -> None:
     """Validate every run's config with the trainer's own rules (unknown keys, types, router /
     flavor / EP, schedule phases against the steps): one ConfigError naming the run."""
-    from cpt.errors import ConfigError
-    from trainer.config import DEFAULTS, _check_lists, validate
-    from trainer.config import _merge as merge_checked
+    from moe_cpt.errors import ConfigError
+    from moe_cpt.trainer.config import DEFAULTS, _check_lists, validate
+    from moe_cpt.trainer.config import _merge as merge_checked
 
     for p in plans:
         try:

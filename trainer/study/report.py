@@ -15,10 +15,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trainer.study import plots
-from trainer.study.results import collect
-from trainer.study.runner import Study, read_study_record
-from trainer.study.verdicts import Thresholds, findings
+from moe_cpt.trainer.study import plots
+from moe_cpt.trainer.study.results import collect
+from moe_cpt.trainer.study.runner import Study, read_study_record
+from moe_cpt.trainer.study.verdicts import Thresholds, findings
 
 REPORT_DIR = "report"
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from trainer.study import curves
-from trainer.study.grid import RunPlan
-from trainer.study.runner import Study
+from moe_cpt.trainer.study import curves
+from moe_cpt.trainer.study.grid import RunPlan
+from moe_cpt.trainer.study.runner import Study
 
 
 def _f(v: Any) -> float | None:
@@ -21,7 +21,7 @@ def _f(v: Any) -> float | None:
 
 
 def _shape(flavor: str) -> tuple[int, int]:
-    from trainer.models import SHAPES
+    from moe_cpt.trainer.models import SHAPES
 
     s = SHAPES[flavor]
     return s.top_k, s.num_experts

@@ -13,8 +13,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -24,13 +27,13 @@ from typing import IO, Any
 
 import yaml
 
-from cpt.errors import ConfigError, CptError
-from trainer.study.grid import RunPlan, check_configs, derive_runs, study_dir
-from trainer.study.schema import PinnedData, StudySpec, check_data
+from moe_cpt.errors import ConfigError, CptError
+from moe_cpt.trainer.study.grid import RunPlan, check_configs, derive_runs, study_dir
+from moe_cpt.trainer.study.schema import PinnedData, StudySpec, check_data
 
 STUDY_RECORD = "study.json"
-TRAIN_COMMAND = (sys.executable, "-m", "cpt.cli", "train")  # + config path
-SINGLE_PROCESS_COMMAND = (sys.executable, "-m", "trainer")  # parallel.nproc = 1
+TRAIN_COMMAND = (sys.executable, "-m", "moe_cpt.cli", "train")  # + config path
+SINGLE_PROCESS_COMMAND = (sys.executable, "-m", "moe_cpt.trainer")  # parallel.nproc = 1
 
 
 @dataclass
@@ -70,7 +73,7 @@ def prepare(spec: StudySpec, *, write: bool = True, offline: bool = False) -> St
     ``study.json``, ``configs/`` and ``blends/``. Raises before any run starts. ``offline``
     (dry runs, Slurm files for another site): A and B are not opened, their refs stay as
     written and the vocabulary is the flavor's."""
-    from cpt.runs import new_run_id
+    from moe_cpt.provenance.schema import new_run_id
 
     root = study_dir(spec)
     previous = read_study_record(root)
@@ -95,7 +98,7 @@ def prepare(spec: StudySpec, *, write: bool = True, offline: bool = False) -> St
 
 def run_states(study: Study) -> dict[str, dict[str, Any]]:
     """Per run key: ``state`` (done / partial / queued), ``step``, ``run_id``."""
-    from trainer.run_record import read_run_record
+    from moe_cpt.provenance.record import read_run_record
 
     out = {}
     for p in study.plans:
@@ -133,9 +136,7 @@ def write_study_record(study: Study, status: str, states: dict[str, dict[str, An
 
 
 def _catalog_event(study: Study, record: dict[str, Any]) -> None:
-    import logging
-
-    from cpt.runs import RunCatalog
+    from moe_cpt.provenance.catalog import RunCatalog
 
     event = {"run_id": study.study_id, "phase": "study", "name": study.spec.name,
              "status": record["status"], "study_file": record["study_file"],
@@ -246,7 +247,7 @@ def _current_step(run_dir: str) -> int:
 
 def train_command(plan: RunPlan) -> list[str]:
     """``cpt train CONFIG`` (torchrun); a one-process run is the worker itself,
-    ``python -m trainer CONFIG`` (the same training without the launcher's and torchrun's two
+    ``python -m moe_cpt.trainer CONFIG`` (the same training without the launcher's and torchrun's two
     extra interpreters: half the start-up time of a tiny run here)."""
     if int(plan.config["parallel"]["nproc"]) == 1:
         return [*SINGLE_PROCESS_COMMAND, plan.config_path]
@@ -254,15 +255,13 @@ def train_command(plan: RunPlan) -> list[str]:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 def _start(plan: RunPlan, threads: int, start_step: int) -> Lane:
-    from trainer.signals import child_preexec
+    from moe_cpt.processes import child_preexec
 
     env = dict(os.environ)
     if train_command(plan)[:3] == list(SINGLE_PROCESS_COMMAND):  # what torchrun would set
@@ -350,9 +349,7 @@ def dry_run(study: Study, stream: IO[str] | None = None) -> None:
 def from_dir(folder: str | Path) -> Study:
     """The study recorded in ``folder/study.json`` (its file's text, pinned data), with its
     runs derived again under ``folder``; opens no data (``cpt study report``)."""
-    import dataclasses
-
-    from trainer.study.schema import parse_study
+    from moe_cpt.trainer.study.schema import parse_study
 
     root = Path(folder).absolute()
     rec = read_study_record(root)

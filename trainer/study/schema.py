@@ -3,7 +3,7 @@
 A study file names datasets A and B, the model/router/replay grid, token budgets, the LR
 schedule and the eval settings (docs/study.md). :func:`load_study` parses and checks it without
 touching data; :func:`check_data` opens A and B (``dataset@ref`` must resolve, one tokenizer).
-Every problem is one :class:`~cpt.errors.ConfigError` line, raised before any run starts.
+Every problem is one :class:`~moe_cpt.errors.ConfigError` line, raised before any run starts.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from cpt.errors import ConfigError
+from moe_cpt.errors import ConfigError
 
 TOP_KEYS = {"name", "output_dir", "store", "a", "b", "holdout_tokens", "seq_len",
             "global_batch_size", "models", "routers", "replay", "replay_mode", "retrain", "seeds",
@@ -115,7 +115,7 @@ class StudySpec:
     threads_per_run: int = 1
     data_seed: int = 1
     overrides: dict[str, Any] = field(default_factory=dict)
-    thresholds: dict[str, float] = field(default_factory=dict)  # trainer.study.verdicts.Thresholds
+    thresholds: dict[str, float] = field(default_factory=dict)  # moe_cpt.trainer.study.verdicts.Thresholds
 
     @property
     def tokens_per_step(self) -> int:
@@ -135,7 +135,7 @@ class StudySpec:
 
     def variants(self) -> list[Variant]:
         """Every model variant: each dense flavor once, each MoE flavor with each router, per seed."""
-        from trainer.models import SHAPES
+        from moe_cpt.trainer.models import SHAPES
 
         multi = len(self.seeds) > 1
         out = []
@@ -202,7 +202,7 @@ def _replay_levels(values: list[Any], key: str, path: str) -> tuple[float, ...]:
 
 def parse_study(data: Any, path: str, text: str = "") -> StudySpec:
     """The :class:`StudySpec` of a parsed study file (no data is opened)."""
-    from trainer.models import ROUTERS, SHAPES
+    from moe_cpt.trainer.models import ROUTERS, SHAPES
 
     if not isinstance(data, dict):
         raise _fail(path, "top level must be a mapping")
@@ -347,7 +347,7 @@ class PinnedData:
 def check_data(spec: StudySpec) -> PinnedData:
     """Open A and B: each ``dataset@ref`` must resolve, both must share one tokenizer, and each
     must hold its held-out split plus at least one training window."""
-    from mixer.spec import _open
+    from moe_cpt.mixer.spec import _open
 
     opened = []
     for key, ref in (("a", spec.a), ("b", spec.b)):

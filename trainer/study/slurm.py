@@ -14,7 +14,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.study.runner import Study
+from moe_cpt.trainer.study.runner import Study
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ dense model's loss minus the MoE's), one per compared group, each with a *spread
 
 * with several seeds, the standard deviation over seeds of the same difference;
 * with one seed, the measurement noise: for losses the eval-to-eval noise of the runs'
-  val-loss curves (:func:`trainer.study.curves.eval_noise`, combined in quadrature over the
+  val-loss curves (:func:`moe_cpt.trainer.study.curves.eval_noise`, combined in quadrature over the
   runs of the difference), for the MRI the sampling error ``sqrt(m(1-m)/N)`` of a fraction
   over ``N`` evaluation tokens.
 
@@ -75,6 +75,12 @@ def _group(name: str, diffs: list[float], noises: list[float], margin_of: Any) -
     margin = margin_of(value)
     return {"group": name, "value": value, "spread": spread, "seeds": len(diffs),
             "margin": margin, "verdict": verdict(margin, spread)}
+
+
+def _claim(claim: str, measure: str, groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """A finding: the claim, how it is measured, its groups and their combined verdict."""
+    return {"claim": claim, "measure": measure, "groups": groups,
+            "verdict": combine([g["verdict"] for g in groups])}
 
 
 def _noise(run: dict[str, Any], sources: list[str]) -> float:
@@ -152,10 +158,9 @@ def moe_beats_dense(results: dict[str, Any], th: Thresholds) -> dict[str, Any]:
                     noises.append(float(np.mean(nz)))
             if diffs:
                 groups.append(_group(f"{model} - {dense[0]}", diffs, noises[:1], lambda v: -v))
-    return {"claim": "MoEs keep their advantage over the FLOP-matched dense model",
-            "measure": "final val loss of the MoE minus the dense model after CPT (mean over A, B "
-                       "and replay levels); holds below 0",
-            "groups": groups, "verdict": combine([g["verdict"] for g in groups])}
+    return _claim("MoEs keep their advantage over the FLOP-matched dense model",
+                  "final val loss of the MoE minus the dense model after CPT (mean over A, B "
+                  "and replay levels); holds below 0", groups)
 
 
 def replay_reduces_forgetting(results: dict[str, Any], th: Thresholds) -> dict[str, Any]:
@@ -180,10 +185,9 @@ def replay_reduces_forgetting(results: dict[str, Any], th: Thresholds) -> dict[s
                 noises.append(math.hypot(_noise(rl[0], [a]), _noise(rh[0], [a])))
             if diffs:
                 groups.append(_group(f"{model}: r={hi:g} - r={lo:g}", diffs, noises[:1], lambda v: -v))
-    return {"claim": "replay reduces forgetting",
-            "measure": "forgetting on A (val loss at the end of CPT minus at its start) with the "
-                       "most replay minus with the least; holds below 0",
-            "groups": groups, "verdict": combine([g["verdict"] for g in groups])}
+    return _claim("replay reduces forgetting",
+                  "forgetting on A (val loss at the end of CPT minus at its start) with the "
+                  "most replay minus with the least; holds below 0", groups)
 
 
 def cpt_close_to_retrain(results: dict[str, Any], th: Thresholds) -> dict[str, Any]:
@@ -210,12 +214,11 @@ def cpt_close_to_retrain(results: dict[str, Any], th: Thresholds) -> dict[str, A
                 groups.append(_group(f"{model} r={level:g}", diffs, noises[:1],
                                      lambda v: th.close_tolerance - v))
     share = st["cpt_tokens"] / (st["pretrain_tokens"] + st["cpt_tokens"])
-    return {"claim": "CPT comes close to the full re-train at a fraction of the compute",
-            "measure": f"relative gap (CPT - re-train) / re-train of the final val loss, mean over "
-                       f"A and B; holds below {th.close_tolerance:g}; CPT uses {share:.0%} of the "
-                       f"re-train's compute (tokens, same model)",
-            "compute_share": share,
-            "groups": groups, "verdict": combine([g["verdict"] for g in groups])}
+    return {**_claim("CPT comes close to the full re-train at a fraction of the compute",
+                     f"relative gap (CPT - re-train) / re-train of the final val loss, mean over "
+                     f"A and B; holds below {th.close_tolerance:g}; CPT uses {share:.0%} of the "
+                     f"re-train's compute (tokens, same model)", groups),
+            "compute_share": share}
 
 
 CLAIMS = (routers_stay_balanced, moe_beats_dense, replay_reduces_forgetting, cpt_close_to_retrain)

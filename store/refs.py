@@ -6,7 +6,7 @@ Layout::
     <store>/<dataset>/refs.json               (stores written before the log) the base state
 
 A writer never rewrites an object. To record an event it *claims* the next free slot with a
-create-if-absent write (:func:`cpt.fs.write_once`: ``If-None-Match: *`` on S3, ``link(2)`` on
+create-if-absent write (:func:`moe_cpt.fs.write_once`: ``If-None-Match: *`` on S3, ``link(2)`` on
 local disk); if another writer took that slot first, it tries the next one. So every accepted
 update lands in exactly one slot, none is lost, and slots fill without gaps: a slot is only
 tried once the one before it exists. The ref state is the deterministic fold of ``refs.json``
@@ -14,8 +14,8 @@ tried once the one before it exists. The ref state is the deterministic fold of 
 ``vN`` is fixed once its publish slot exists (``N`` counts the distinct versions published up
 to and including that slot).
 
-Each slot carries the SHA-256 of its payload (:func:`cpt.fs.seal_event`). A slot that does not
-read back whole is *damage*: the fold refuses (:class:`~cpt.errors.IntegrityError`) rather than
+Each slot carries the SHA-256 of its payload (:func:`moe_cpt.fs.seal_event`). A slot that does not
+read back whole is *damage*: the fold refuses (:class:`~moe_cpt.errors.IntegrityError`) rather than
 guess which tag it moved, until ``cpt corpus repair NAME`` appends a ``repair`` event that voids
 the damaged slots and re-registers every version whose manifest is present.
 """
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from cpt.errors import ConfigError, CptError, IntegrityError
-from cpt.fs import ObjectExistsError, seal_event, unseal_event, unstrip_protocol, write_once
+from moe_cpt.errors import ConfigError, CptError, IntegrityError
+from moe_cpt.fs import ObjectExistsError, seal_event, unseal_event, unstrip_protocol, write_once
 
 REFS_DIR = "_refs"
 LEGACY_REFS = "refs.json"

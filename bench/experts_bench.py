@@ -1,6 +1,6 @@
-"""``python -m trainer.bench_experts`` (also part of ``python -m trainer.bench``; alone:
-``python -m trainer.bench --experts-only``): the step time of a tiny MoE with torchtitan's
-grouped experts in fp32 (:mod:`trainer.cpu_compat` (j), what CPU training uses) against
+"""``python -m moe_cpt.bench.experts_bench`` (also part of ``python -m moe_cpt.bench.train_bench``; alone:
+``python -m moe_cpt.bench.train_bench --experts-only``): the step time of a tiny MoE with torchtitan's
+grouped experts in fp32 (:mod:`moe_cpt.trainer.cpu_compat` (j), what CPU training uses) against
 torchtitan's own bf16 path, on the same model, weights and tokens, in one process.
 
 A step is one forward and backward pass of random tokens through the model (LM cross-entropy;
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import trainer  # noqa: F401  (triton stub before torchtitan model imports)
-from trainer import cpu_compat
+import moe_cpt.trainer  # noqa: F401  (triton stub before torchtitan model imports)
+from moe_cpt.trainer import cpu_compat
 
 FLAVORS: tuple[str, ...] = ("tiny_moe", "bench_moe")
 
@@ -43,7 +43,7 @@ class ExpertsResult:
 
 
 def _model_and_tokens(flavor: str, batch: int, seq_len: int, seed: int):
-    from trainer.models import SHAPES, build_model_config
+    from moe_cpt.trainer.models import SHAPES, build_model_config
 
     torch.manual_seed(seed)
     model = build_model_config(flavor, router="aux_free").build()
@@ -74,7 +74,7 @@ def bench_flavor(flavor: str, *, batch: int, seq_len: int, rounds: int, steps: i
                  warmup: int, seed: int = 0) -> ExpertsResult:
     """Median step time of ``flavor`` with the fp32 experts and with torchtitan's bf16 ones."""
     if not cpu_compat.apply():
-        raise SystemExit("trainer.bench_experts compares the CPU paths; CUDA is present")
+        raise SystemExit("moe_cpt.bench.experts_bench compares the CPU paths; CUDA is present")
     model, tokens = _model_and_tokens(flavor, batch, seq_len, seed)
     first = tokens()
     with torch.no_grad():
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace, prefix: str = "") -> list[ExpertsResult]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.bench_experts", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m moe_cpt.bench.experts_bench", description=__doc__)
     add_arguments(p)
     run(p.parse_args(argv))
     return 0

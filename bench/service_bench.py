@@ -1,4 +1,4 @@
-"""``python -m mixer.service_bench`` (= ``cpt mix bench-service``): tokens/s through the mixer
+"""``python -m moe_cpt.bench.service_bench`` (= ``cpt bench service``): tokens/s through the mixer
 service on loopback vs the in-process mixer, on the same synthetic store and warm caches.
 
 The server runs as a real ``cpt mix serve`` subprocess on 127.0.0.1; rows: in-process
@@ -35,14 +35,14 @@ def _consume(it, samples: int) -> tuple[float, int]:
 
 
 def _client_worker(url: str, rank: int, world: int, samples: int, out: mp.Queue) -> None:
-    from mixer.service.client import ServiceMixedDataset
+    from moe_cpt.mixer.service.client import ServiceMixedDataset
 
     ds = ServiceMixedDataset(url, rank=rank, world_size=world)
     out.put(_consume(iter(ds), samples))
 
 
 def start_server(resolved: str, cache_dir: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "cpt.cli", "mix", "serve", resolved, "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "moe_cpt.cli", "mix", "serve", resolved, "--port", "0",
                              "--cache-dir", cache_dir], stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if " on http://" not in line:
@@ -52,17 +52,17 @@ def start_server(resolved: str, cache_dir: str) -> tuple[subprocess.Popen, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mixer.service_bench", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m moe_cpt.bench.service_bench", description=__doc__)
     add_arguments(ap)
     return run(ap.parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixer.bench import blend_spec, build_store
-    from mixer.blocks import CacheConfig
-    from mixer.dataset import MixedDataset
-    from mixer.service.client import ServiceMixedDataset
-    from mixer.spec import resolve
+    from moe_cpt.bench.mixer_bench import blend_spec, build_store
+    from moe_cpt.mixer.blocks import CacheConfig
+    from moe_cpt.mixer.dataset import MixedDataset
+    from moe_cpt.mixer.service.client import ServiceMixedDataset
+    from moe_cpt.mixer.spec import resolve
 
     rows: list[tuple[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="mixsvcbench-") as tmp:

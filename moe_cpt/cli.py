@@ -1,7 +1,7 @@
 """The `cpt` command: one entry point, one subcommand group per stage of the data path.
 
 Each stage package exposes ``register(subparsers)`` in its ``cli`` module; this file only wires
-them together and turns :class:`cpt.errors.CptError` into a one-line message and exit code 2.
+them together and turns :class:`moe_cpt.errors.CptError` into a one-line message and exit code 2.
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from cpt.errors import CptError
+from moe_cpt.errors import CptError
 
-# Stages whose package or cli module is absent are skipped.
+# Each layer's command group, in the order `cpt --help` lists them.
 STAGE_CLI_MODULES: tuple[str, ...] = (
-    "corpus.cli",
-    "mixer.cli",
-    "trainer.cli",
-    "cpt.runs_cli",
-    "cpt.bench_cli",
-    "trainer.study.cli",
+    "moe_cpt.corpus.cli",
+    "moe_cpt.mixer.cli",
+    "moe_cpt.trainer.cli",
+    "moe_cpt.provenance.cli",
+    "moe_cpt.bench.cli",
+    "moe_cpt.trainer.study.cli",
 )
 
 
@@ -34,14 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in STAGE_CLI_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            parts = name.split(".")
-            if exc.name in {".".join(parts[: i + 1]) for i in range(len(parts))}:
-                continue  # that stage is not built (yet) in this checkout
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -2,7 +2,7 @@
 
 This is the library API the mixer builds on::
 
-    ds = corpus.open_dataset("s3://bucket/store", "prose@latest")
+    ds = moe_cpt.store.open_dataset("s3://bucket/store", "prose@latest")
     for ref in ds.block_refs():
         block = ds.read_block(ref)          # one ranged GET, checksum verified
 """
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 
-from corpus.manifest import Manifest
-from corpus.shards import BlockRecord, TokenBlock, decode_block
-from corpus.store import Store
-from cpt.errors import IntegrityError
+from moe_cpt.errors import IntegrityError
+from moe_cpt.store.manifest import Manifest
+from moe_cpt.store.object_store import Store
+from moe_cpt.store.shard_format import BlockRecord, TokenBlock, decode_block
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,10 @@
 A run continues from its own latest checkpoint (resume: the output folder already has one) or,
 as a CPT phase, from a parent run. Either way the run record of that run (``run.json``) names
 the dataset versions it trained on. A resume needs them (the mixer state continues their
-stream): :func:`check_recorded_inputs` refuses to go on when one of them can no longer be read
-(``trainer.run_record.check_inputs_readable`` raises ``NotFoundError`` naming it). A new CPT
-phase needs only the parent's checkpoint: unreadable parent versions are a warning. Light module (no torch): the launcher calls it before starting
-any process, the trainer again in each process.
+stream): :func:`moe_cpt.provenance.lineage.check_readable` refuses to go on when one of them
+can no longer be read (``NotFoundError`` naming it). A new CPT phase needs only the parent's
+checkpoint: unreadable parent versions are a warning. Light module (no torch): the launcher
+calls it before starting any process, the trainer again in each process.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cpt.errors import NotFoundError
-from trainer.run_record import read_run_record
+from moe_cpt.errors import NotFoundError
+from moe_cpt.provenance.lineage import check_readable
+from moe_cpt.provenance.record import read_run_record
 
 CHECKPOINT_FOLDER = "checkpoint"
 
@@ -34,19 +35,11 @@ def is_resume(output_dir: str | Path, checkpoint_folder: str = CHECKPOINT_FOLDER
     return latest_step(Path(output_dir) / checkpoint_folder) >= 0
 
 
-def check_recorded_inputs(record: dict[str, Any]) -> None:
-    """Raise ``NotFoundError`` if a dataset version recorded in ``record`` is unreadable."""
-    from trainer.run_record import check_inputs_readable
-
-    if record:
-        check_inputs_readable(record)
-
-
 def warn_parent_inputs(record: dict[str, Any]) -> None:
     """A CPT phase needs only its parent's checkpoint, not the parent's data: an unreadable
     parent dataset version is reported (lineage can no longer be re-read) but does not stop it."""
     try:
-        check_recorded_inputs(record)
+        check_readable(record)
     except NotFoundError as exc:
         log.warning("parent run: %s (the CPT phase starts from its checkpoint anyway)", exc)
 
@@ -57,7 +50,7 @@ def check_run_inputs(output_dir: str | Path, phase: str, parent_run_dir: str,
     (``{}`` for a fresh pre-training run)."""
     if is_resume(output_dir, checkpoint_folder):
         record = read_run_record(output_dir)
-        check_recorded_inputs(record)
+        check_readable(record)
         return record
     if phase == "cpt" and parent_run_dir and Path(parent_run_dir).is_dir():
         record = read_run_record(parent_run_dir)
@@ -86,8 +79,8 @@ def checkpoint_to_load(output_dir: str | Path, phase: str, parent_run_dir: str, 
 def check_checkpoint(output_dir: str | Path, phase: str, parent_run_dir: str, parent_step: int = -1,
                      checkpoint_folder: str = CHECKPOINT_FOLDER, *, trust: bool = False) -> int:
     """Refuse (``UntrustedCheckpointError``) a checkpoint to load that the run record of the run
-    which wrote it does not vouch for (``trainer.checkpoint_trust``); returns its step (-1: none)."""
-    from trainer.checkpoint_trust import verify_checkpoint
+    which wrote it does not vouch for (``moe_cpt.trainer.checkpoint_trust``); returns its step (-1: none)."""
+    from moe_cpt.trainer.checkpoint_trust import verify_checkpoint
 
     found = checkpoint_to_load(output_dir, phase, parent_run_dir, parent_step, checkpoint_folder)
     if found is None:

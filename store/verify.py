@@ -1,6 +1,11 @@
-"""Re-check every file a published version consists of: the manifest (its content hashes to the
-version id, checked when it is opened), every shard file and block, every index file, and the
-stored tokenizer (its sha256)."""
+"""Checks of a published version, at two depths.
+
+* :func:`verify_version` (``cpt corpus verify``): re-read every file the version consists of: the
+  manifest (its content hashes to the version id, checked when it is opened), every shard file
+  and block, every index file, and the stored tokenizer (its sha256).
+* :func:`check_present` (cheap, one listing): the manifest opens and every shard is there with its
+  recorded size. The run catalog uses it to tell whether a run's inputs are still readable.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,10 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from corpus.reader import BlockRef, DatasetVersion
-from corpus.shards import split_block_bytes
-from cpt.hashing import sha256_hex
+from moe_cpt.errors import NotFoundError
+from moe_cpt.hashing import sha256_hex
+from moe_cpt.store.reader import BlockRef, DatasetVersion, open_dataset
+from moe_cpt.store.shard_format import split_block_bytes
 
 CHUNK = 8 << 20
 
@@ -37,6 +43,21 @@ def verify_version(ds: DatasetVersion, on_bytes: Callable[[int], None] | None = 
     _verify_index(ds, report)
     _verify_tokenizer(ds, report)
     return report
+
+
+def check_present(store_url: str, spec: str) -> DatasetVersion:
+    """Open ``spec`` (manifest present and unmodified) and check that every shard file exists
+    with its recorded size, with one listing of the version folder; raises a
+    :class:`~moe_cpt.errors.CptError` (``NotFoundError`` for missing or resized shards) or
+    ``OSError`` (store unreachable). Contents are not re-read: that is :func:`verify_version`."""
+    ds = open_dataset(store_url, spec)
+    present = {p.rstrip("/"): int(info.get("size") or 0)
+               for p, info in ds.fs.find(ds.store.version_path(ds.name, ds.version), detail=True).items()}
+    bad = [s.path for i, s in enumerate(ds.manifest.shards)
+           if present.get(ds.shard_path(i).rstrip("/")) != s.nbytes]
+    if bad:
+        raise NotFoundError(f"{len(bad)} shard(s) missing or resized, e.g. {bad[0]}")
+    return ds
 
 
 def _read_all(ds: DatasetVersion, path: str) -> bytes | None:

@@ -13,7 +13,7 @@ So ``webdataset.WebDataset(url)`` iterates a shard as samples ``{"__key__", "tok
 "docs.npy"}``. The manifest records for every block the byte offsets of both members' data; the
 two are adjacent in the tar, so one ranged GET of ``[tokens_offset, docs_offset + docs_nbytes)``
 fetches a block without reading the rest of the shard. A document longer than the configured
-block size is cut across consecutive blocks (see :mod:`corpus.shard_set`): each piece is one
+block size is cut across consecutive blocks (see :mod:`moe_cpt.corpus.shard_writer`): each piece is one
 entry of its block's table, so a reader that treats entries as documents sees it as several.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 import xxhash
 import zstandard
 
-from cpt.errors import IntegrityError
+from moe_cpt.errors import IntegrityError
 
 TOKENS_EXT = "tokens.zst"
 DOCS_EXT = "docs.npy"

@@ -11,20 +11,21 @@ Layout under a store URL (local folder, ``file://`` or ``s3://bucket/prefix``)::
     <store>/_work/<dataset>/<build key>/          scratch of a build in progress (deleted after)
 
 Versions are immutable; tags are small mutable pointers to them, kept as the fold of an
-append-only log of write-once events (:mod:`corpus.refs`): concurrent writers never lose an update.
+append-only log of write-once events (:mod:`moe_cpt.store.refs`): concurrent writers never lose an update.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
 import fsspec
 
-from corpus.manifest import VERSION_ID_LEN, Manifest
-from corpus.refs import Refs, RefStore
-from cpt.errors import ConfigError, CptError, IntegrityError, NotFoundError, StoreError
-from cpt.fs import is_local, join, open_fs, read_json, unstrip_protocol
+from moe_cpt.errors import ConfigError, CptError, IntegrityError, NotFoundError, StoreError
+from moe_cpt.fs import is_local, join, open_fs, read_json, unstrip_protocol
+from moe_cpt.store.manifest import VERSION_ID_LEN, Manifest
+from moe_cpt.store.refs import Refs, RefStore
 
 MAX_NAME_LEN = 128
 NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME_LEN - 1}}}")
@@ -32,6 +33,14 @@ TAG_RE = re.compile(rf"[A-Za-z][A-Za-z0-9._-]{{0,{MAX_NAME_LEN - 1}}}")
 VERSION_RE = re.compile(f"[0-9a-f]{{{VERSION_ID_LEN}}}")
 DEFAULT_REF = "latest"
 __all__ = ["DatasetListing", "RepairReport", "Refs", "Store", "check_name", "check_tag", "parse_ref"]
+
+
+DEFAULT_STORE = "data/store"
+
+
+def default_store() -> str:
+    """The store the commands use without ``--store``: ``$CPT_STORE``, else ``data/store``."""
+    return os.environ.get("CPT_STORE", DEFAULT_STORE)
 
 
 def _is_name(name: object) -> bool:
@@ -172,7 +181,7 @@ class Store:
     def check_bucket(self, create: bool = False) -> None:
         """StoreError if the store's bucket does not exist (it is created with ``create``).
         Transport errors (endpoint down, no credentials) propagate as raised, so library callers
-        can retry them; the CLI turns them into one line (:func:`cpt.fs.store_errors`)."""
+        can retry them; the CLI turns them into one line (:func:`moe_cpt.fs.store_errors`)."""
         bucket = self.bucket()
         if bucket is None:
             return

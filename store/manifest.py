@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from corpus.shards import ShardRecord
-from cpt.fs import dumps_canonical
-from cpt.hashing import sha256_hex
+from moe_cpt.fs import dumps_canonical
+from moe_cpt.hashing import sha256_hex
+from moe_cpt.store.shard_format import ShardRecord
 
 FORMAT = "moe-cpt/shards-v1"
 VERSION_ID_LEN = 16

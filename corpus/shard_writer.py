@@ -1,7 +1,7 @@
 """Packing tokenized documents into blocks and shards, with a per-document index.
 
 :class:`ShardSetWriter` is the single place that decides block and shard boundaries; both the
-datatrove tokenize step and :func:`corpus.publish.publish_documents` use it.
+datatrove tokenize step and :func:`moe_cpt.corpus.publish.publish_documents` use it.
 
 Block rule: a block closes once it holds at least ``block_tokens`` tokens. A document of at most
 ``block_tokens`` tokens is never cut. A longer one is cut at block boundaries: it fills the open
@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from corpus.shards import ShardFileWriter, ShardRecord
-from cpt.fs import join
-from cpt.hashing import fast_checksum
+from moe_cpt.fs import join
+from moe_cpt.hashing import fast_checksum
+from moe_cpt.store.shard_format import ShardFileWriter, ShardRecord
 
 INDEX_SCHEMA = pa.schema(
     [

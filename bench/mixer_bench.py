@@ -1,4 +1,4 @@
-"""``cpt mix bench`` / ``python -m mixer.bench``: mixer throughput, resume time, memory, I/O.
+"""``cpt bench mixer`` / ``python -m moe_cpt.bench.mixer_bench``: mixer throughput, resume time, memory, I/O.
 
 Builds a synthetic two-source store (new corpus + replay) in a temporary folder and on a local S3
 endpoint (moto on 127.0.0.1), then prints one table. Every throughput figure is measured in a
@@ -23,12 +23,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mixer.blocks import CacheConfig
-from mixer.dataset import MixedDataset
+from moe_cpt.mixer.blocks import CacheConfig
+
+if TYPE_CHECKING:
+    from moe_cpt.mixer.dataset import MixedDataset
 
 BATCH = 64  # samples per collated batch, for every system
 
@@ -36,7 +38,7 @@ BATCH = 64  # samples per collated batch, for every system
 def _tokenizer():
     from tokenizers import Tokenizer, models
 
-    from corpus.tokenizer import tokenizer_info
+    from moe_cpt.corpus.tokenizer import tokenizer_info
 
     words = {"<|endoftext|>": 0, "[UNK]": 1} | {f"w{i}": i for i in range(2, 50000)}
     tj = Tokenizer(models.WordLevel(words, unk_token="[UNK]")).to_str().encode()
@@ -46,8 +48,8 @@ def _tokenizer():
 def build_store(store: str, tokens: int, seed: int = 0) -> dict[str, int]:
     """Publish the synthetic 2-source store (80% ``new``, 20% ``replay``); reports its build time
     on stderr."""
-    from corpus.publish import publish_documents
-    from corpus.shard_set import PackingConfig
+    from moe_cpt.corpus.publish import publish_documents
+    from moe_cpt.corpus.shard_writer import PackingConfig
 
     t0 = time.perf_counter()
     info, tj = _tokenizer()
@@ -109,6 +111,7 @@ def consume(ds: MixedDataset, samples: int) -> tuple[float, float, int]:
 def measure(spec: dict, cache: CacheConfig, samples: int, batched: bool, passes: int,
             rank: int = 0, world: int = 1, pin: bool = True) -> dict[str, Any]:
     """In a child process: ``passes`` runs of a fresh dataset; median rates, I/O of the last."""
+    from moe_cpt.mixer.dataset import MixedDataset  # torch: loaded only when a bench runs
     if pin:
         pin_to_one_core()
     walls, cpus = [], []
@@ -134,6 +137,7 @@ def in_children(calls: list[tuple]) -> list[dict[str, Any]]:
 def resume_seconds(spec: dict, step: int) -> float:
     """Time from a checkpointed state at ``step`` to the first sample (O(1) by construction: the
     3:1 blend with G % 4 == 0 returns to zero deficits every step, so its state is exact)."""
+    from moe_cpt.mixer.dataset import MixedDataset  # torch: loaded only when a bench runs
     ds = MixedDataset(spec, cache=CacheConfig(prefetch_samples=1, prefetch_threads=0))
     g = spec["global_batch_size"]
     st = ds.state_dict() | {"step": step, "next": step * g, "counts": [step * g * 3 // 4, step * g // 4],
@@ -148,6 +152,7 @@ def resume_seconds(spec: dict, step: int) -> float:
 
 def delivered_windows(spec: dict, cache: CacheConfig, samples: int, out: Path) -> None:
     """One cold pass: fills the disk cache and saves the windows delivered (for the peers)."""
+    from moe_cpt.mixer.dataset import MixedDataset  # torch: loaded only when a bench runs
     ds = MixedDataset(spec, cache=cache)
     it = iter(ds)
     arr = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint16, shape=(samples, ds.seq_len + 1))
@@ -159,7 +164,7 @@ def delivered_windows(spec: dict, cache: CacheConfig, samples: int, out: Path) -
 
 def run_peers(work: Path, windows: Path, passes: int) -> list[dict]:
     py = Path(".venv-bench/bin/python")
-    script = Path("bench/mixer_peers.py")
+    script = Path(__file__).with_name("mixer_peers.py")
     if not py.exists() or not script.exists():
         print(f"(peers skipped: {py} or {script} missing; `make bench-mixer` creates them)", file=sys.stderr)
         return []
@@ -188,7 +193,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mixer.bench")
+    ap = argparse.ArgumentParser(prog="python -m moe_cpt.bench.mixer_bench")
     add_arguments(ap)
     return run(ap.parse_args(argv))
 
@@ -216,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
                                    (True, unverified, "same, batched, verify=False")):
             m = in_children([(spec, cfg, args.samples, batched, passes)])[0]
             rows.append(_row("moe-cpt mixer", path, m))
-        from infra.local_s3 import LocalS3
+        from moe_cpt.infra.local_s3 import LocalS3
 
         with LocalS3() as s3:
             os.environ.update(s3.env())

@@ -1,4 +1,5 @@
-"""fsspec helpers shared by every stage: URL -> filesystem, small JSON objects, atomic writes.
+"""fsspec helpers shared by every stage: URL -> filesystem, small JSON objects, atomic writes
+(:func:`atomic_write_file`, :func:`write_bytes_atomic`, :func:`write_once`: the only ones).
 
 S3 endpoints and credentials come from the standard AWS variables (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``), which botocore reads
@@ -7,25 +8,26 @@ itself, so the same commands work against AWS S3, MinIO or the local test server
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from cpt.errors import CptError, NotFoundError, StoreError
-from cpt.hashing import sha256_hex
+from moe_cpt.errors import CptError, NotFoundError, StoreError
+from moe_cpt.hashing import sha256_hex
 
 
 def s3_retry_options(env: dict[str, str] | None = None) -> dict[str, Any]:
     """s3fs options with retries in one layer: botocore makes one attempt per request (unless
     ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` say otherwise) and s3fs's own retry loop is off;
-    callers retry with jittered exponential backoff (``mixer.blocks.retry_call``, docs/reliability.md)."""
+    callers retry with jittered exponential backoff (``moe_cpt.mixer.blocks.retry_call``, docs/reliability.md)."""
     env = os.environ if env is None else env
     if "AWS_MAX_ATTEMPTS" in env or "AWS_RETRY_MODE" in env:
         return {}
@@ -113,35 +115,49 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def _write_temp(folder: str, name: str, data: bytes) -> str:
-    """Write ``data`` to a fresh hidden temporary file in ``folder`` (fsynced); return its path."""
+def _write_temp(folder: str, name: str, parts: Iterable[bytes | memoryview], durable: bool) -> str:
+    """Write ``parts`` to a fresh hidden temporary file in ``folder`` (fsynced if ``durable``);
+    return its path."""
     tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
     with open(tmp, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        for part in parts:
+            f.write(part)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     return tmp
 
 
-def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write an object so that readers see either nothing/the old object or the whole new one.
+def atomic_write_file(path: str | os.PathLike[str], data: bytes | Iterable[bytes | memoryview], *,
+                      durable: bool = True) -> None:
+    """Replace the local file ``path`` so that readers see the old or the whole new content.
 
-    On object stores a single PUT is atomic already; on local disk we write a uniquely named
-    temporary file in the same folder, fsync it, rename it over the target and fsync the folder
-    (after a crash the target is the old or the new content, never empty or partial).
+    The bytes (``data``, or its parts in order) go to a uniquely named temporary file in the
+    same folder, which is renamed over ``path``. With ``durable`` (the default) the file and then
+    the folder are fsynced, so after a power loss ``path`` is the old or the new content, never
+    empty or partial; ``durable=False`` is for caches and snapshots that a crash may lose.
     """
+    folder, name = os.path.split(os.fspath(path))
+    folder = folder or "."
+    parts = (data,) if isinstance(data, bytes | bytearray | memoryview) else data
+    tmp = _write_temp(folder, name, parts, durable)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    if durable:
+        _fsync_folder(folder)
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write an object so that readers see either nothing/the old object or the whole new one:
+    a single PUT on object stores (atomic already), :func:`atomic_write_file` on local disk."""
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
     if is_local(fs):
-        folder, name = os.path.split(path)
-        tmp = _write_temp(folder, name, data)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
-        _fsync_folder(folder)
+        atomic_write_file(path, data)
     else:
         with fs.open(path, "wb") as f:
             f.write(data)
@@ -176,7 +192,7 @@ def write_once(fs: Any, path: str, data: bytes) -> None:
         return
     folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
-    tmp = _write_temp(folder, name, data)
+    tmp = _write_temp(folder, name, (data,), durable=True)
     try:
         try:
             os.link(tmp, path)
@@ -233,8 +249,6 @@ def try_flock(path: str | os.PathLike[str], mode: int = 0o644) -> tuple[int | No
     """Open (create) ``path`` and take an exclusive, non-blocking ``flock`` on it: ``(fd, b"")``,
     or ``(None, what the current holder wrote into the file)`` when another process holds it.
     The kernel drops the lock when the holder's descriptor closes, however it dies."""
-    import fcntl
-
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -17,7 +17,7 @@ from rich.table import Table
 
 
 def _texts(raw: Path) -> list[str]:
-    from corpus.demo import write_raw_inputs
+    from moe_cpt.corpus.demo import write_raw_inputs
 
     write_raw_inputs(raw)
     texts = [json.loads(line)["text"] for f in sorted((raw / "prose").glob("*.jsonl")) for line in f.open()]
@@ -32,9 +32,9 @@ def bench_corpus(raw_dir: str = "data/raw", repeat: int = 1) -> list[dict]:
     from datatrove.pipeline.tokens import DocumentTokenizer
     from tokenizers import Tokenizer
 
-    from corpus.build import build_dataset
-    from corpus.config import load_config
-    from corpus.demo import ensure_tokenizer
+    from moe_cpt.corpus.build import build_dataset
+    from moe_cpt.corpus.config import load_config
+    from moe_cpt.corpus.demo import ensure_tokenizer
 
     console = Console(stderr=True)
     raw = Path(raw_dir).resolve()
@@ -66,7 +66,7 @@ def bench_corpus(raw_dir: str = "data/raw", repeat: int = 1) -> list[dict]:
     cfg_path = work / "c.yaml"
     cfg_path.write_text(json.dumps({"name": "bench", "inputs": [str(work / "in")], "tokenizer": str(tok_path),
                                     "tasks": 1, "dedup": {"exact": False, "minhash": {"enabled": False}}}))
-    from corpus.config import ExecutorConfig
+    from moe_cpt.corpus.config import ExecutorConfig
 
     for label, overrides in (("moe-cpt pipeline (read+clean+tokenize+shard)", {}),
                              ("moe-cpt pipeline + exact & MinHash dedup", {"dedup": {"exact": True, "minhash": {"enabled": True}}})):

@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
-from cpt.runs import LineageNode, RunCatalog, RunRecord, check_run_id, lineage
-
-
-def _default_store() -> str:
-    from corpus.cli import default_store
-
-    return default_store()
+from moe_cpt.provenance import logs
+from moe_cpt.provenance.catalog import RunCatalog
+from moe_cpt.provenance.lineage import LineageNode, lineage
+from moe_cpt.provenance.record import read_run_record
+from moe_cpt.provenance.schema import RunRecord, check_run_id
+from moe_cpt.store.object_store import default_store
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +56,7 @@ def _datasets(r: RunRecord) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    catalog = RunCatalog(args.store or _default_store())
+    catalog = RunCatalog(args.store or default_store())
     records = catalog.list()
     if args.json:
         for r in records:
@@ -79,7 +79,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     check_run_id(args.run_id)
-    catalog = RunCatalog(args.store or _default_store())
+    catalog = RunCatalog(args.store or default_store())
     run = catalog.get(args.run_id)  # NotFoundError -> one line, exit 2
     nodes = lineage(args.run_id, [catalog])
     if args.json:
@@ -141,9 +141,7 @@ def _print_node(node: LineageNode) -> None:
 def _run_folder(run: str, catalog: RunCatalog | None) -> tuple[str, str]:
     """``(label, folder)`` of RUN: an existing run folder (holding run.json), else a run id of
     the catalog whose recorded ``config.run.output_dir`` is its folder."""
-    from pathlib import Path
-
-    from cpt.errors import NotFoundError
+    from moe_cpt.errors import NotFoundError
 
     if (Path(run) / "run.json").exists():
         return run, run
@@ -161,29 +159,25 @@ def _run_folder(run: str, catalog: RunCatalog | None) -> tuple[str, str]:
 def compare_curves(folders: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """Per run: label, folder, eval curve (``val_loss/<source>`` per step) and train loss per
     step, one row per step."""
-    from trainer.study import curves
-
     out = []
     for label, folder in folders:
-        rec = curves.run_record(folder)
-        evals = curves.eval_rows(folder)
+        rec = read_run_record(folder)
+        evals = logs.evals(folder)
         sources = sorted({k.split("/", 1)[1] for r in evals for k in r if k.startswith("val_loss/")})
         out.append({
             "label": label, "folder": folder, "run_id": rec.get("run_id", ""),
             "phase": rec.get("phase", ""), "status": rec.get("status", ""),
             "val_loss": {s: [[int(r["step"]), float(r[f"val_loss/{s}"])] for r in evals
                              if f"val_loss/{s}" in r] for s in sources},
-            "train_loss": [[int(r["step"]), float(r["loss"])] for r in curves.step_rows(folder)
+            "train_loss": [[int(r["step"]), float(r["loss"])] for r in logs.steps(folder)
                            if isinstance(r.get("loss"), int | float)],
         })
     return out
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     needs_catalog = any(not (Path(r) / "run.json").exists() for r in args.runs)
-    catalog = RunCatalog(args.store or _default_store()) if needs_catalog else None
+    catalog = RunCatalog(args.store or default_store()) if needs_catalog else None
     runs = compare_curves([_run_folder(r, catalog) for r in args.runs])
     if args.json:
         sys.stdout.write(json.dumps(runs, sort_keys=True) + "\n")

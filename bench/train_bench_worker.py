@@ -1,15 +1,15 @@
-"""One benchmark training job (run under torchrun by :mod:`trainer.bench`).
+"""One benchmark training job (run under torchrun by :mod:`moe_cpt.bench.train_bench`).
 
-``python -m trainer.bench_worker {ours|torchtitan} OUT.json STEPS SEQ_LEN LOCAL_BATCH EP``
+``python -m moe_cpt.bench.train_bench_worker {ours|torchtitan} OUT.json STEPS SEQ_LEN LOCAL_BATCH EP``
 
 * ``torchtitan``: torchtitan's own ``qwen3_moe_debug`` config (its ``Trainer``, its qwen3
   ``debugmodel_moe`` model spec, its optimizer), with only what CPU and the shared data need:
-  the :mod:`trainer.cpu_compat` patches, SDPA instead of flex attention (no CPU backward), the
+  the :mod:`moe_cpt.trainer.cpu_compat` patches, SDPA instead of flex attention (no CPU backward), the
   synthetic data source, no checkpointing/activation checkpointing.
-* ``ours``: :class:`trainer.train.CptTrainer` with the ``tt_debug_moe`` flavor (same shape),
+* ``ours``: :class:`moe_cpt.trainer.train.CptTrainer` with the ``tt_debug_moe`` flavor (same shape),
   the aux-loss-free router (torchtitan's routing) and the same data/optimizer settings.
 
-Both call :func:`trainer.cpu_compat.apply` first, so on CPU both models' routed experts (the
+Both call :func:`moe_cpt.trainer.cpu_compat.apply` first, so on CPU both models' routed experts (the
 same torchtitan ``GroupedExperts`` class) run their grouped matmuls in fp32 (cpu_compat (j)).
 
 Rank 0 writes the per-step metrics (tokens/s, step time, data-wait %) to ``OUT.json``.
@@ -22,13 +22,13 @@ import sys
 
 import torch
 
-import trainer  # noqa: F401  (CPU compat before torchtitan model imports)
-from trainer import cpu_compat
+import moe_cpt.trainer  # noqa: F401  (CPU compat before torchtitan model imports)
+from moe_cpt.trainer import cpu_compat
 
 
 def _common(config, seq_len: int, local_batch: int, steps: int, ep: int) -> None:
-    from trainer.data import CptDataLoader, NullTokenizer
-    from trainer.step_metrics import StepMetrics
+    from moe_cpt.trainer.data import CptDataLoader, NullTokenizer
+    from moe_cpt.trainer.step_metrics import StepMetrics
 
     vocab = config.model_spec.model.vocab_size
     config.tokenizer = NullTokenizer.Config(vocab_size=vocab)
@@ -48,8 +48,8 @@ def _common(config, seq_len: int, local_batch: int, steps: int, ep: int) -> None
 def torchtitan_config(steps: int, seq_len: int, local_batch: int, ep: int):
     from torchtitan.models.qwen3.config_registry import qwen3_moe_debug
 
-    from trainer.attention import DocumentSDPA
-    from trainer.models import parallelize_cpt
+    from moe_cpt.trainer.attention import DocumentSDPA
+    from moe_cpt.trainer.models import parallelize_cpt
 
     config = qwen3_moe_debug()
     for layer in config.model_spec.model.layers:
@@ -66,7 +66,7 @@ def torchtitan_config(steps: int, seq_len: int, local_batch: int, ep: int):
 def ours_config(steps: int, seq_len: int, local_batch: int, ep: int):
     from torchtitan.components.optimizer import default_adamw
 
-    from trainer.config import load_config, to_trainer_config
+    from moe_cpt.trainer.config import load_config, to_trainer_config
 
     cfg = load_config(None, [
         "model.flavor=tt_debug_moe", "model.router=aux_free", f"training.steps={steps}",

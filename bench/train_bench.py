@@ -1,11 +1,11 @@
-"""``python -m trainer.bench`` (``make bench-train``): our trainer vs torchtitan's own qwen3 MoE
+"""``python -m moe_cpt.bench.train_bench`` (``make bench-train``): our trainer vs torchtitan's own qwen3 MoE
 debug model, same size, same synthetic data, same machine; prints tokens/s, step time and the
 data-wait fraction of each, and the ratio (target >= 0.95, data wait < 1%).
 
-Both jobs call ``trainer.cpu_compat.apply()`` and both models' routed experts are torchtitan's
+Both jobs call ``moe_cpt.trainer.cpu_compat.apply()`` and both models' routed experts are torchtitan's
 ``GroupedExperts`` class, so on CPU both run its grouped matmuls in fp32 (cpu_compat (j)): the
 ratio compares like with like. After it, the fp32-vs-bf16 experts table of
-:mod:`trainer.bench_experts` (``--experts-only``: just that; ``--no-experts``: just the
+:mod:`moe_cpt.bench.experts_bench` (``--experts-only``: just that; ``--no-experts``: just the
 trainer comparison)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 def run_job(which: str, out: Path, *, steps: int, seq_len: int, local_batch: int, nproc: int,
             ep: int) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc-per-node", str(nproc), "-m", "trainer.bench_worker", which, str(out),
+           "--nproc-per-node", str(nproc), "-m", "moe_cpt.bench.train_bench_worker", which, str(out),
            str(steps), str(seq_len), str(local_batch), str(ep)]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
@@ -46,7 +46,7 @@ def summarize(history: list[dict], skip: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m moe_cpt.bench.train_bench", description=__doc__)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the means")
     p.add_argument("--seq-len", type=int, default=256)
@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="runs per trainer, interleaved A B B A ...; the best run counts "
                         "(robust to other load on a shared machine)")
     p.add_argument("--experts-only", action="store_true",
-                   help="only the fp32-vs-bf16 grouped experts table (trainer.bench_experts)")
+                   help="only the fp32-vs-bf16 grouped experts table (moe_cpt.bench.experts_bench)")
     p.add_argument("--no-experts", action="store_true",
                    help="only the trainer comparison, without the experts table")
-    from trainer import bench_experts
+    from moe_cpt.bench import experts_bench as bench_experts
 
     bench_experts.add_arguments(p, prefix="experts-")
     args = p.parse_args(argv)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _experts_path() -> str:
-    from trainer import cpu_compat
+    from moe_cpt.trainer import cpu_compat
 
     if cpu_compat.cuda_present():
         return "torchtitan's own (bf16) in both jobs (CUDA: cpu_compat changes nothing)"

@@ -1,0 +1,1 @@
+"""Benchmarks (`cpt bench`, `make bench`): tables with ratios; speed targets live here, not in tests."""

@@ -1,0 +1,1 @@
+"""Provenance: what every run consumed and produced (record schema, catalog, local recorder, lineage, CLI)."""
