@@ -167,20 +167,22 @@ class _HfWriter:
         if self._tokens >= self.file_tokens:
             self._close_file()
 
+    def _open_file(self) -> None:
+        rel = f"data/train-{len(self.files):05d}.parquet"
+        self.fs.makedirs(join(self.out, "data"), exist_ok=True)
+        self._file = self.fs.open(join(self.out, rel), "wb")
+        self._writer = pq.ParquetWriter(self._file, HF_SCHEMA)
+        self.files.append(rel)
+
     def _flush(self) -> None:
         b = self._batch
-        if not b["doc_id"] and self._writer is not None:
+        if not b["doc_id"]:
             return
         if self._writer is None:
-            rel = f"data/train-{len(self.files):05d}.parquet"
-            self.fs.makedirs(join(self.out, "data"), exist_ok=True)
-            self._file = self.fs.open(join(self.out, rel), "wb")
-            self._writer = pq.ParquetWriter(self._file, HF_SCHEMA)
-            self.files.append(rel)
+            self._open_file()
         lens = np.array([len(t) for t in b["input_ids"]], dtype=np.int32)
         offsets = pa.array(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
-        values = pa.array(np.concatenate(b["input_ids"]).astype(np.int32) if b["input_ids"]
-                          else np.empty(0, np.int32))
+        values = pa.array(np.concatenate(b["input_ids"]).astype(np.int32))
         ids = pa.ListArray.from_arrays(offsets, values, type=HF_SCHEMA.field("input_ids").type)
         self._writer.write_table(pa.table({"input_ids": ids, "doc_id": pa.array(b["doc_id"], pa.string()),
                                            "source": pa.array(b["source"], pa.string())}, schema=HF_SCHEMA))
@@ -195,8 +197,9 @@ class _HfWriter:
         self._tokens = 0
 
     def close(self) -> list[str]:
-        if self._batch["doc_id"] or not self.files:  # an empty version still gets one (empty) file
-            self._flush()
+        self._flush()
+        if not self.files:  # an empty version: one file with the schema and no rows
+            self._open_file()
         self._close_file()
         return self.files
 

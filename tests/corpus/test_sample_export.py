@@ -24,13 +24,16 @@ from corpus import open_dataset
 from corpus.build import build_dataset
 from corpus.config import ExecutorConfig, load_config
 from corpus.export import export_version
+from corpus.publish import publish_documents
 from corpus.reader import BlockRef
 from corpus.sample import sample_documents
+from corpus.shard_set import PackingConfig
 from cpt.cli import main
 from cpt.errors import ConfigError, NotFoundError
 from mixer.decode import decode_first_samples
 from mixer.spec import resolve
 from tests.corpus.helpers import read_back, write_config, write_jsonl
+from tests.mixer.mix_helpers import make_docs, make_tokenizer
 from tests.mixer.mix_helpers import spec as blend_spec
 
 LICENSE = "CC-BY-4.0"
@@ -209,3 +212,22 @@ def test_mix_inspect_decode(built: dict, tmp_path: Path, capsys: pytest.CaptureF
     assert f"documents: {decoded[0].documents[0][0]!r}" in out
     with pytest.raises(NotFoundError):
         resolve(blend_spec(built["store"], {"nope": 1.0}))
+
+
+def test_megatron_int32_tokens_for_a_large_vocabulary(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A vocabulary beyond uint16 is stored as uint32 and exported as Megatron's int32 (code 4)."""
+    info, tj = make_tokenizer(70_000)
+    docs = make_docs(5, 30, 40, vocab=70_000)
+    store = str(tmp_path / "store")
+    publish_documents(store, "big", docs, info, tj, PackingConfig(block_tokens=100, shard_bytes=1500))
+    ds = open_dataset(store, "big@latest")
+    assert ds.manifest.tokenizer.dtype == "uint32"
+    export_version(ds, "megatron", str(tmp_path / "m"))
+    code, seqs, _ = read_megatron(tmp_path / "m" / "big")
+    ids = pq.read_table(tmp_path / "m" / "documents.parquet").column("doc_id").to_pylist()
+    want = {doc_id: np.append(t, info.eos_id) for doc_id, t in docs}
+    assert code == 4 and max(int(s.max()) for s in seqs) >= 1 << 16
+    assert [s.tolist() for s in seqs] == [want[i].tolist() for i in ids] and sorted(ids) == sorted(want)
+    with pytest.raises(SystemExit):
+        main(["corpus", "export", "big@latest", str(tmp_path / "x"), "--store", store, "--format", "csv"])
+    assert "invalid choice: 'csv'" in capsys.readouterr().err
