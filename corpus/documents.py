@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
@@ -71,15 +72,15 @@ class DocumentIndex:
         table = read_index_table(ds) if table is None else table
         shards = ds.manifest.shards
         first_block = np.cumsum([0] + [len(s.blocks) for s in shards])
-        shard_of = {s.path: i for i, s in enumerate(shards)}
         n = table.num_rows
         if n != ds.manifest.n_docs:
             raise IntegrityError(f"{ds.spec}: index has {n} rows, manifest counts {ds.manifest.n_docs} documents")
-        paths = table.column("shard").to_pylist() if n else []
-        unknown = sorted(set(paths) - set(shard_of))
-        if unknown:
-            raise IntegrityError(f"{ds.spec}: index names shard {unknown[0]!r}, which is not in the manifest")
-        shard_idx = np.array([shard_of[p] for p in paths], dtype=np.int64)
+        found = pc.index_in(table.column("shard"), value_set=pa.array([s.path for s in shards], pa.string())) \
+            if n else pa.array([], pa.int32())
+        if found.null_count:
+            bad = table.column("shard").filter(pc.is_null(found))[0].as_py()
+            raise IntegrityError(f"{ds.spec}: index names shard {bad!r}, which is not in the manifest")
+        shard_idx = found.to_numpy().astype(np.int64) if n else np.empty(0, np.int64)
         block = table.column("block").to_numpy().astype(np.int64) if n else np.empty(0, np.int64)
         entry = table.column("doc_in_block").to_numpy().astype(np.int64) if n else np.empty(0, np.int64)
         pos = first_block[shard_idx] + block if n else np.empty(0, np.int64)
