@@ -104,6 +104,20 @@ def per_source(index: DocumentIndex) -> list[tuple[str, int, int]]:
     return sorted(((r["source"], r["n_count"], r["n_sum"]) for r in g), key=lambda r: (-r[2], r[0]))
 
 
+def per_input(config: dict, sources: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """``(configured input URL, documents, tokens)``: each source file counted under the longest
+    configured input URL it starts with (``(other)`` if none)."""
+    urls = sorted((str(i.get("url", "")) for i in config.get("inputs") or [] if isinstance(i, dict)),
+                  key=len, reverse=True)
+    totals: dict[str, list[int]] = {u: [0, 0] for u in sorted(urls)}
+    for source, docs, tokens in sources:
+        key = next((u for u in urls if u and source.startswith(u.removeprefix("file://"))), "(other)")
+        totals.setdefault(key, [0, 0])
+        totals[key][0] += docs
+        totals[key][1] += tokens
+    return [(u, d, t) for u, (d, t) in totals.items()]
+
+
 def render_card(ds: DatasetVersion, index: DocumentIndex, tags: list[str], histogram: str | None) -> str:
     """The card's Markdown; ``histogram`` is the PNG's path relative to the card (None: no picture)."""
     m = ds.manifest
@@ -127,9 +141,13 @@ def render_card(ds: DatasetVersion, index: DocumentIndex, tags: list[str], histo
     lines += ["", "## Sources", "", "Input files the build read (from the manifest):", ""]
     lines += _table(["input", "bytes"], _capped([[str(i.get("url", "?")), f"{int(i.get('size', 0) or 0):,}"]
                                                  for i in m.inputs], "inputs"))
-    lines += ["", "Documents kept per source (from the per-document index):", ""]
+    sources = per_source(index)
+    lines += ["", "Documents kept per configured input (from the per-document index):", ""]
+    lines += _table(["input", "documents", "tokens"],
+                    [[u, f"{d:,}", f"{t:,}"] for u, d, t in per_input(m.config, sources)])
+    lines += ["", "Documents kept per source file, most tokens first:", ""]
     lines += _table(["source", "documents", "tokens"],
-                    _capped([[s or "?", f"{d:,}", f"{t:,}"] for s, d, t in per_source(index)], "sources"))
+                    _capped([[s or "?", f"{d:,}", f"{t:,}"] for s, d, t in sources], "sources"))
     lines += ["", "## Cleaning and deduplication", ""]
     rows = []
     for st in m.stats.get("stages", []):

@@ -172,6 +172,8 @@ def test_card(built: dict, tmp_path: Path, texts: list[str]) -> None:
     for name, count in (("a.jsonl", (len(texts) + 1) // 2), ("b.jsonl", len(texts) // 2)):
         (row,) = _rows(card, f"in/{name}", 3)
         assert row[1] == f"{count:,}"
+    (configured,) = _rows(card, "/in", 3)
+    assert configured[1:] == [f"{len(texts):,}", f"{sum(lengths):,}"]
 
 
 def _contains(hay: np.ndarray, needle: np.ndarray) -> bool:
