@@ -245,6 +245,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     store = Store(args.store or default_store())
     name, version = store.resolve(args.ref)
     manifest = store.load_manifest(name, version)
+    if args.json and args.card is not None:
+        raise ConfigError("--json and --card do not go together")
     if args.json:
         sys.stdout.write(manifest.to_json_bytes().decode())
         return 0

@@ -93,6 +93,8 @@ def export_version(ds: DatasetVersion, fmt: str, out_url: str, overwrite: bool =
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r} (one of: {', '.join(FORMATS)})")
     fs, out = open_fs(out_url)
+    if fs.isfile(out):
+        raise ConfigError(f"export folder {out_url} is a file")
     existing = _targets(fs, out, fmt, ds.name)
     if existing and not overwrite:
         raise ConfigError(f"{out_url} already holds an export ({', '.join(existing[:3])}"

@@ -147,6 +147,8 @@ def test_hf_export_loads_with_datasets(built: dict, tmp_path: Path) -> None:
         "train-00000.parquet"]
     with pytest.raises(ConfigError, match="unknown export format 'csv'"):
         export_version(ds, "csv", str(tmp_path / "x"))
+    with pytest.raises(ConfigError, match="is a file"):
+        export_version(ds, "hf", str(out / "export.json"))
 
 
 def _rows(card: str, first: str, columns: int) -> list[list[str]]:
