@@ -7,8 +7,8 @@ from tokenizers import Tokenizer, models
 
 from moe_cpt.corpus.publish import publish_documents
 from moe_cpt.corpus.shard_writer import PackingConfig
-from moe_cpt.corpus.tokenizer import tokenizer_info
 from moe_cpt.store.manifest import TokenizerInfo
+from moe_cpt.store.tokenizer import tokenizer_info
 
 VOCAB = 512
 
