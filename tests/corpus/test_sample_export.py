@@ -33,8 +33,8 @@ from moe_cpt.store import open_dataset
 from moe_cpt.store.reader import BlockRef
 from moe_cpt.store.sample import sample_documents
 from tests.corpus.helpers import read_back, write_config, write_jsonl
-from tests.mixer.mix_helpers import make_docs, make_tokenizer
-from tests.mixer.mix_helpers import spec as blend_spec
+from tests.support.mixer_store import make_docs, make_tokenizer
+from tests.support.mixer_store import spec as blend_spec
 
 LICENSE = "CC-BY-4.0"
 
