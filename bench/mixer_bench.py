@@ -38,7 +38,7 @@ BATCH = 64  # samples per collated batch, for every system
 def _tokenizer():
     from tokenizers import Tokenizer, models
 
-    from moe_cpt.corpus.tokenizer import tokenizer_info
+    from moe_cpt.store.tokenizer import tokenizer_info
 
     words = {"<|endoftext|>": 0, "[UNK]": 1} | {f"w{i}": i for i in range(2, 50000)}
     tj = Tokenizer(models.WordLevel(words, unk_token="[UNK]")).to_str().encode()

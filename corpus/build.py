@@ -31,13 +31,13 @@ from moe_cpt.corpus.lock import acquire_build_lock
 from moe_cpt.corpus.publish import publish_version
 from moe_cpt.corpus.readers import StrictJsonlReader, StrictParquetReader, TextFileReader
 from moe_cpt.corpus.tokenize_step import TokenizeToShards
-from moe_cpt.corpus.tokenizer import read_tokenizer_bytes, tokenizer_info
 from moe_cpt.errors import ConfigError, CptError, InputDataError
 from moe_cpt.fs import dumps_canonical, join, open_fs, unstrip_protocol
 from moe_cpt.hashing import sha256_hex
 from moe_cpt.store.manifest import Manifest, TokenizerInfo
 from moe_cpt.store.object_store import Store
 from moe_cpt.store.shard_format import ShardRecord
+from moe_cpt.store.tokenizer import read_tokenizer_bytes, tokenizer_info
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,21 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from moe_cpt.corpus.card import write_card
 from moe_cpt.corpus.config import ExecutorConfig, load_config
+from moe_cpt.corpus.export import FORMATS as EXPORT_FORMATS
+from moe_cpt.corpus.export import export_version
 from moe_cpt.corpus.progress import human, print_stats, run_build
 from moe_cpt.errors import ConfigError, CptError
 from moe_cpt.fs import store_errors
+from moe_cpt.store.documents import DocumentIndex
 from moe_cpt.store.object_store import DEFAULT_STORE, Store, default_store
+from moe_cpt.store.reader import open_dataset
+from moe_cpt.store.sample import format_document, sample_documents
+from moe_cpt.store.verify import verify_version
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
@@ -52,7 +60,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("ref", metavar="NAME@REF", help="e.g. prose@latest, prose@v2, prose@<version id>")
     _store_arg(p)
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.add_argument("--card", nargs="?", const="", default=None, metavar="OUT",
+                   help="write a Markdown dataset card (README.md + token_lengths.png) into folder OUT "
+                   "(local or s3://; default ./<name>-<version>-card)")
     p.set_defaults(func=_guarded(cmd_show))
+
+    p = csub.add_parser("sample", help="documents decoded back to text, with provenance",
+                        description="Decode documents of a version with its own tokenizer and print each with "
+                        "its doc id, source file, shard, block and token count. Reads only their blocks.")
+    p.add_argument("ref", metavar="NAME@REF")
+    _store_arg(p)
+    p.add_argument("-n", type=int, default=3, help="how many documents (default 3), drawn at random with --seed")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0: the same documents every time)")
+    p.add_argument("--source-doc", metavar="ID", default=None, help="show the document(s) with this doc id instead")
+    p.add_argument("--max-chars", type=int, default=2000,
+                   help="cut each text after this many characters (default 2000; 0 = whole text)")
+    p.add_argument("--json", action="store_true", help="one JSON object per document (whole text)")
+    p.set_defaults(func=_guarded(cmd_sample))
+
+    p = csub.add_parser("export", help="export a version to Megatron-LM .bin/.idx or HF datasets Parquet",
+                        description="Write every document (EOS included, storage order) into folder OUT (local "
+                        "or s3://): megatron -> OUT/<name>.bin/.idx (+ documents.parquet), hf -> "
+                        "OUT/data/train-*.parquet (input_ids, doc_id, source); both -> tokenizer.json and "
+                        "export.json (written last).")
+    p.add_argument("ref", metavar="NAME@REF")
+    p.add_argument("out", metavar="OUT", help="output folder (path or URL)")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="megatron or hf")
+    _store_arg(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
+    p.set_defaults(func=_guarded(cmd_export))
 
     p = csub.add_parser("verify", help="re-check every checksum of a version (names the bad shard/block)")
     p.add_argument("ref", metavar="NAME@REF")
@@ -141,9 +177,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     store = Store(args.store or default_store())
     name, version = store.resolve(args.ref)
     manifest = store.load_manifest(name, version)
+    if args.json and args.card is not None:
+        raise ConfigError("--json and --card do not go together")
     if args.json:
         sys.stdout.write(manifest.to_json_bytes().decode())
         return 0
+    if args.card is not None:
+        return _write_card(store, name, version, args.card)
     console = Console()
     print_stats(console, name, version, manifest)
     console.print(f"inputs: {len(manifest.inputs)} file(s), {sum(i.get('size', 0) or 0 for i in manifest.inputs):,} bytes; "
@@ -156,11 +196,49 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_card(store: Store, name: str, version: str, out: str) -> int:
+    ds = open_dataset(store.url, f"{name}@{version}")
+    tags = sorted(t for t, v in store.load_refs(name).tags.items() if v == version)
+    for path in write_card(ds, out or f"{name}-{version}-card", tags):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    ds = open_dataset(args.store or default_store(), args.ref)
+    docs = sample_documents(ds, args.n, args.seed, args.source_doc)
+    if not docs:
+        print(f"{ds.spec} has no documents")
+    for doc in docs:
+        if args.json:
+            print(json.dumps(doc.to_json(), ensure_ascii=False))
+        else:
+            print(format_document(doc, args.max_chars))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    ds = open_dataset(args.store or default_store(), args.ref)
+    index = DocumentIndex(ds)
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(f"exporting {ds.spec} ({args.format})", total=ds.manifest.n_tokens)
+        result = export_version(ds, args.format, args.out, args.overwrite,
+                                on_tokens=lambda n: progress.advance(task, n), index=index)
+    print(f"exported {ds.spec}: {result.n_docs:,} documents, {result.n_tokens:,} tokens -> {result.out} "
+          f"({', '.join(result.files)})")
+    if args.format == "megatron":
+        print(f"Megatron-LM: --data-path {result.out.rstrip('/')}/{ds.name}")
+    else:
+        print(f"datasets: load_dataset('parquet', data_dir='{result.out}', split='train')")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from moe_cpt.store.reader import open_dataset
-    from moe_cpt.store.verify import verify_version
 
     ds = open_dataset(args.store or default_store(), args.ref)
     console = Console(stderr=True)

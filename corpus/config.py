@@ -83,12 +83,16 @@ class DatasetConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
     allow_empty: bool = False  # publish a version with 0 documents instead of refusing
+    license: str | None = None  # e.g. "CC-BY-4.0"; shown on the dataset card
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the data (what goes into the manifest and build key);
-        ``allow_empty`` is a publishing policy, not part of the data."""
+        ``allow_empty`` is a publishing policy, not part of the data. ``license`` is recorded
+        only when set, so configs without one keep the version ids they always had."""
         d = dataclasses.asdict(self)
         d.pop("allow_empty")
+        if d["license"] is None:
+            d.pop("license")
         return d
 
 

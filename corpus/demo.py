@@ -21,8 +21,9 @@ from rich.console import Console
 
 from moe_cpt.corpus.config import ExecutorConfig
 from moe_cpt.corpus.progress import run_build
-from moe_cpt.corpus.tokenizer import read_tokenizer_bytes, train_bpe
+from moe_cpt.corpus.tokenizer import train_bpe
 from moe_cpt.fs import atomic_write_file
+from moe_cpt.store.tokenizer import read_tokenizer_bytes
 
 DEMO_VOCAB = 8192
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}

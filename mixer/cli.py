@@ -10,6 +10,7 @@ import sys
 import threading
 
 from moe_cpt.errors import ConfigError
+from moe_cpt.mixer.decode import decode_first_samples, format_sample
 from moe_cpt.mixer.schedule import D, advance
 from moe_cpt.mixer.spec import resolve
 from moe_cpt.mixer.stream import MixStream
@@ -33,6 +34,8 @@ def _inspect(args: argparse.Namespace) -> int:
     blend, dss = resolve(args.spec)
     if args.steps < 0:
         raise ConfigError("--steps must be >= 0")
+    if args.decode < 0:
+        raise ConfigError("--decode must be >= 0")
     ms = MixStream(blend, dss, 0, 1)
     g = blend.spec.global_batch_size
     sched = ms.schedule
@@ -57,6 +60,10 @@ def _inspect(args: argparse.Namespace) -> int:
             print(f"  {s.name}: replay: seen = the {r.n_seen} samples parent run {r.parent_run_id} (blend "
                   f"{r.parent_blend}, source {r.parent_source}) consumed in its first {r.seen_step} steps; "
                   f"epochs count passes over them")
+    if args.decode:
+        print(f"first {args.decode} sample(s), decoded:")
+        for d in decode_first_samples(blend, dss, args.decode):
+            print(format_sample(d, args.max_chars))
     return 0
 
 
@@ -104,6 +111,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     i = mix.add_parser("inspect", help="per-source samples, tokens and epochs after N steps")
     i.add_argument("spec")
     i.add_argument("--steps", type=int, required=True)
+    i.add_argument("--decode", type=int, default=0, metavar="N",
+                   help="also print the blend's first N samples as text, with source, shard, block and doc ids")
+    i.add_argument("--max-chars", type=int, default=1000,
+                   help="with --decode: cut each sample's text after this many characters (default 1000; 0 = all)")
     i.set_defaults(func=_inspect)
     s = mix.add_parser(
         "serve", help="serve a blend over HTTP to trainer ranks (see docs/service.md)",

@@ -52,8 +52,8 @@ def publish(store: str, name: str, tokenizer: str, seed: int, barrier: Path) -> 
 
     from moe_cpt.corpus.publish import publish_documents
     from moe_cpt.corpus.shard_writer import PackingConfig
-    from moe_cpt.corpus.tokenizer import tokenizer_info
     from moe_cpt.store.object_store import Store
+    from moe_cpt.store.tokenizer import tokenizer_info
 
     data = Path(tokenizer).read_bytes()
     info = tokenizer_info(data, tokenizer)

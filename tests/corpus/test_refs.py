@@ -16,10 +16,10 @@ import pytest
 from moe_cpt.cli import main
 from moe_cpt.corpus.publish import publish_documents
 from moe_cpt.corpus.shard_writer import PackingConfig
-from moe_cpt.corpus.tokenizer import tokenizer_info
 from moe_cpt.errors import ConfigError, IntegrityError
 from moe_cpt.fs import open_fs
 from moe_cpt.store.object_store import Store
+from moe_cpt.store.tokenizer import tokenizer_info
 
 REPO = Path(__file__).resolve().parents[2]
 DEADLINE_S = 600  # generous: the machine is shared

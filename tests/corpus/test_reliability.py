@@ -22,11 +22,11 @@ from moe_cpt.corpus.build import build_dataset, compute_build_key, plan_inputs
 from moe_cpt.corpus.config import ExecutorConfig, load_config
 from moe_cpt.corpus.lock import acquire_build_lock
 from moe_cpt.corpus.tokenize_step import piece_bounds
-from moe_cpt.corpus.tokenizer import read_tokenizer_bytes, tokenizer_info
 from moe_cpt.errors import BusyError, InputDataError
 from moe_cpt.infra.local_s3 import free_port
 from moe_cpt.store import open_dataset
 from moe_cpt.store.object_store import Store
+from moe_cpt.store.tokenizer import read_tokenizer_bytes, tokenizer_info
 from moe_cpt.store.verify import verify_version
 from tests.corpus.helpers import read_back, write_config, write_jsonl
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.mixer.mix_helpers import publish
+from tests.support.mixer_store import publish
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from moe_cpt.mixer.blocks import Block, CacheConfig
 from moe_cpt.mixer.dataset import MixedDataset, open_blend
 from moe_cpt.mixer.stream import MixStream
-from tests.mixer.mix_helpers import spec
+from tests.support.mixer_store import spec
 
 W3 = {"new": 0.6, "replay": 0.25, "code": 0.15}
 def doc_positions(n_tokens: int, doc_ends: np.ndarray) -> np.ndarray:

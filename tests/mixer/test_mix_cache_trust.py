@@ -11,7 +11,7 @@ import pytest
 from moe_cpt.errors import ConfigError
 from moe_cpt.mixer.blocks import BlockLoader, CacheConfig
 from moe_cpt.mixer.dataset import open_blend
-from tests.mixer.mix_helpers import spec
+from tests.support.mixer_store import spec
 
 
 def _mode(path: Path) -> int:

@@ -14,7 +14,7 @@ from moe_cpt.mixer.dataset import MixedDataset
 from moe_cpt.mixer.schedule import Knot, MixPoint, WeightSchedule, plan_step
 from moe_cpt.store.reader import open_dataset
 from moe_cpt.store.shard_format import decode_block, decode_block_into
-from tests.mixer.mix_helpers import publish, spec
+from tests.support.mixer_store import publish, spec
 
 W = {"new": 0.75, "replay": 0.25}
 

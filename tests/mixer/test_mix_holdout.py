@@ -13,7 +13,7 @@ from moe_cpt.mixer.holdout import auto_tokens
 from moe_cpt.mixer.spec import blend_from_json
 from moe_cpt.mixer.stream import MixStream
 from moe_cpt.store import open_dataset
-from tests.mixer.mix_helpers import spec
+from tests.support.mixer_store import spec
 
 
 def _held_ranges(ms: MixStream, src: int) -> list[tuple[int, int, int]]:

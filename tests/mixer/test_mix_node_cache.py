@@ -6,7 +6,7 @@ from __future__ import annotations
 import multiprocessing as mp
 from pathlib import Path
 
-from tests.mixer.mix_helpers import consume_rank, publish, spec
+from tests.support.mixer_store import consume_rank, publish, spec
 
 W = {"new": 0.8, "replay": 0.2}
 

@@ -30,7 +30,7 @@ from moe_cpt.mixer.service.server import MixService, ServiceConfig
 from moe_cpt.mixer.spec import ALGORITHM, blend_from_json, resolve
 from moe_cpt.mixer.state import MixState
 from moe_cpt.mixer.stream import MixStream
-from tests.mixer.mix_helpers import spec
+from tests.support.mixer_store import spec
 
 PARENT_W = {"replay": 0.6, "code": 0.4}
 PARENT_STEPS = 30  # ~432 samples of `replay`: more than two of its ~185-window epochs

@@ -20,7 +20,7 @@ from moe_cpt.errors import CptError, IntegrityError
 from moe_cpt.infra.local_s3 import LocalS3, free_port
 from moe_cpt.mixer.blocks import CacheConfig
 from moe_cpt.mixer.dataset import MixedDataset
-from tests.mixer.mix_helpers import TcpProxy, publish, spec
+from tests.support.mixer_store import TcpProxy, publish, spec
 
 W = {"new": 0.8, "replay": 0.2}
 

@@ -28,7 +28,7 @@ from moe_cpt.mixer.service.server import MixService, ServiceConfig
 from moe_cpt.mixer.state import MixState
 from moe_cpt.mixer.stream import MixStream
 from moe_cpt.provenance.catalog import RunCatalog
-from tests.mixer.mix_helpers import TcpProxy, publish, spec
+from tests.support.mixer_store import TcpProxy, publish, spec
 
 W3 = {"new": 0.7, "replay": 0.2, "code": 0.1}
 FAST = ClientConfig(retry_s=60.0, backoff_s=0.05, max_backoff_s=0.5)  # generous: a restart imports torch

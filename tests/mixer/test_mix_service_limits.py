@@ -25,7 +25,7 @@ import pytest
 from moe_cpt.mixer.blocks import CacheConfig
 from moe_cpt.mixer.dataset import open_blend
 from moe_cpt.mixer.service.server import MixService, ServiceConfig
-from tests.mixer.mix_helpers import spec
+from tests.support.mixer_store import spec
 
 SLOW = 150
 DURATION_S = 20.0

@@ -10,7 +10,7 @@ import pytest
 from moe_cpt.cli import main
 from moe_cpt.errors import ConfigError, CptError, NotFoundError
 from moe_cpt.mixer.spec import blend_from_json, resolve
-from tests.mixer.mix_helpers import make_tokenizer, publish, spec
+from tests.support.mixer_store import make_tokenizer, publish, spec
 
 
 def test_resolve_pins_versions_and_round_trips(mix_store: str, tmp_path: Path) -> None:

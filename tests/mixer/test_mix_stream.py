@@ -15,7 +15,7 @@ from moe_cpt.mixer.dataset import MixedDataset, open_blend
 from moe_cpt.mixer.state import MixState, Worker
 from moe_cpt.mixer.stream import MixStream
 from moe_cpt.store import open_dataset
-from tests.mixer.mix_helpers import spec
+from tests.support.mixer_store import spec
 
 HC = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 _BLENDS: dict[str, tuple] = {}

@@ -1,4 +1,4 @@
-"""A tiny store for study tests (the two synthetic languages of tests/trainer/mixer_data.py,
+"""A tiny store for study tests (the two synthetic languages of tests/support/languages.py,
 plus a third dataset with another tokenizer) and study files written from a base mapping."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import yaml
 
 from moe_cpt.corpus.publish import publish_documents
 from moe_cpt.corpus.shard_writer import PackingConfig
-from tests.mixer.mix_helpers import make_tokenizer
-from tests.trainer.mixer_data import VOCAB, lang_a, lang_b, publish_language
+from tests.support.languages import VOCAB, lang_a, lang_b, publish_language
+from tests.support.mixer_store import make_tokenizer
 
 
 def make_store(root: Path) -> str:

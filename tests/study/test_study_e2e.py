@@ -1,6 +1,6 @@
 """The micro study end to end, with real trainings (one process per run, 2 lanes): dense + Switch
 (aux_loss), pre-training, CPT at 0% and 30% seen replay, the re-train at 30%; 8 runs of 4-12 steps
-on the two synthetic languages of tests/trainer/mixer_data.py.
+on the two synthetic languages of tests/support/languages.py.
 
 * ``clean``: the study runs uninterrupted;
 * ``killed``: the same study (another folder) is SIGKILLed, runner and trainings together, while

@@ -1,6 +1,6 @@
 """End-to-end on real mixer blends: real `torchrun`, 2 gloo processes, FSDP=2 x EP=2 tiny MoE.
 
-Two dataset versions of two synthetic "languages" (tests/trainer/mixer_data.py) are published
+Two dataset versions of two synthetic "languages" (tests/support/languages.py) are published
 into a temporary store, then:
 
 P  pre-training on ``lang_a`` only (8 steps, warmup + cosine);
@@ -23,7 +23,7 @@ from moe_cpt.errors import NotFoundError
 from moe_cpt.provenance import logs as run_logs
 from moe_cpt.trainer.data import sample_hash
 from moe_cpt.trainer.launcher import launch
-from tests.trainer.mixer_data import lang_a, lang_b, publish_language, write_blend
+from tests.support.languages import lang_a, lang_b, publish_language, write_blend
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from moe_cpt.trainer.evaluation import evaluate
 from moe_cpt.trainer.models import SHAPES, router_config
 from moe_cpt.trainer.resume import check_run_inputs, recorded_blend
 from moe_cpt.trainer.train import CptTrainer
-from tests.trainer.mixer_data import lang_a, lang_b, publish_language, write_blend
+from tests.support.languages import lang_a, lang_b, publish_language, write_blend
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from moe_cpt.errors import ConfigError, CptError
 from moe_cpt.trainer.config import load_config
 from moe_cpt.trainer.launcher import launch
-from tests.trainer.mixer_data import VOCAB, lang_a, publish_language, write_blend
+from tests.support.languages import VOCAB, lang_a, publish_language, write_blend
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "trainer" / "configs" / "tiny_moe.yaml"

@@ -27,7 +27,7 @@ from moe_cpt.trainer.data import sample_hash
 from moe_cpt.trainer.launcher import launch
 from moe_cpt.trainer.models import SHAPES
 from moe_cpt.trainer.schedules import cosine_inf_factor
-from tests.trainer.mixer_data import lang_a, lang_b, publish_language
+from tests.support.languages import lang_a, lang_b, publish_language
 
 pytestmark = pytest.mark.slow
 

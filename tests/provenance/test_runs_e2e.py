@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moe_cpt.store.object_store import Store
 from moe_cpt.cli import main
 from moe_cpt.errors import NotFoundError
 from moe_cpt.provenance.catalog import RunCatalog
 from moe_cpt.provenance.lineage import lineage
-from tests.mixer.mix_helpers import publish
-from moe_cpt.trainer.launcher import launch
 from moe_cpt.provenance.record import read_run_events, read_run_record
+from moe_cpt.store.object_store import Store
+from moe_cpt.trainer.launcher import launch
+from tests.support.mixer_store import publish
 
 pytestmark = pytest.mark.slow
 

@@ -16,21 +16,21 @@ from typing import Any
 
 import pytest
 
-from moe_cpt.store.object_store import Store
 from moe_cpt.cli import main
 from moe_cpt.errors import NotFoundError
+from moe_cpt.mixer.spec import resolve
 from moe_cpt.mixer.stream_record import record_mix_stream
 from moe_cpt.provenance.catalog import RunCatalog
 from moe_cpt.provenance.lineage import check_readable, lineage
-from moe_cpt.provenance.schema import tokens_per_source_version
-from moe_cpt.mixer.spec import resolve
-from tests.mixer.mix_helpers import publish, spec
 from moe_cpt.provenance.record import (
     RUN_EVENTS,
     read_run_events,
     read_run_record,
     write_run_record,
 )
+from moe_cpt.provenance.schema import tokens_per_source_version
+from moe_cpt.store.object_store import Store
+from tests.support.mixer_store import publish, spec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -395,8 +395,7 @@ def test_cli_corpus_show_without_runs(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_objects_are_written_once(tmp_path: Path) -> None:
     from moe_cpt.errors import CptError
-    from moe_cpt.fs import open_fs
-    from moe_cpt.fs import write_once
+    from moe_cpt.fs import open_fs, write_once
 
     cat = RunCatalog(str(tmp_path / "s"))
     assert cat.mark_version("d", "v1", "r1", {"run_id": "r1"}) is True

@@ -17,7 +17,7 @@ import numpy as np
 
 from moe_cpt.corpus.publish import publish_documents
 from moe_cpt.corpus.shard_writer import PackingConfig
-from tests.mixer.mix_helpers import make_tokenizer
+from tests.support.mixer_store import make_tokenizer
 
 VOCAB = 256
 PERIOD, SEPARATOR = 3, 4
