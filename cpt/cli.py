@@ -22,6 +22,7 @@ STAGE_CLI_MODULES: tuple[str, ...] = (
     "cpt.runs_cli",
     "cpt.bench_cli",
     "trainer.study.cli",
+    "trainer.hf_cli",
 )
 
 

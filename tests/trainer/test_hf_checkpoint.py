@@ -1,0 +1,120 @@
+"""`cpt checkpoint import-hf / export-hf` on tiny random Qwen3 / Qwen3-MoE models built with
+`transformers`: our model's logits equal the HF model's after import and after export, configs
+we cannot represent are refused with one line, and the checkpoint trust rules hold."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cpt.cli import main
+from cpt.errors import ConfigError, NotFoundError
+from tests.trainer.hf_models import (
+    TOLERANCE,
+    hf_logits,
+    load_hf,
+    max_abs_diff,
+    our_logits,
+    sample_tokens,
+    save_tiny_model,
+)
+from trainer.checkpoint_trust import UntrustedCheckpointError
+from trainer.config import load_config
+from trainer.hf_checkpoint import export_hf, import_hf, load_run_model, parse_run_step
+from trainer.models import shape_of
+
+KINDS = ("moe", "dense")
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def imported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp(f"hf_{request.param}")
+    hf_dir = save_tiny_model(root / "hf_model", request.param)
+    result = import_hf(hf_dir, root / "parent")
+    return request.param, hf_dir, result
+
+
+def test_import_logits_match_hf(imported) -> None:
+    kind, hf_dir, result = imported
+    model, _, settings, step = load_run_model(result.run_dir, -1)  # digests checked
+    assert step == 0 and settings["flavor"] == result.flavor
+    tokens = sample_tokens()
+    diff = max_abs_diff(our_logits(model, tokens), hf_logits(load_hf(hf_dir), tokens),
+                        f"import {kind}")
+    assert diff < TOLERANCE
+
+
+def test_import_records_parent_run(imported) -> None:
+    kind, hf_dir, result = imported
+    record = json.loads((result.run_dir / "run.json").read_text())
+    assert record["phase"] == "import" and record["checkpoints"] == [0]
+    assert set(record["checkpoint_sha256"]["0"]) >= {".metadata"}
+    assert record["tokenizer"]["path"] == str(result.tokenizer) and result.tokenizer.is_file()
+    assert record["source"]["dir"] == str(hf_dir.resolve())
+    shape = shape_of(result.flavor)
+    assert shape.is_moe == (kind == "moe") and shape.rope_theta == 10_000.0
+    assert shape.norm_eps == 1e-5
+    if kind == "moe":
+        assert (shape.num_experts, shape.top_k, shape.moe_hidden, shape.route_norm) == (4, 2, 48, True)
+    # a CPT config can name the imported shape as its flavor
+    cfg = load_config(None, [f"model.flavor={result.flavor}", "run.phase=cpt",
+                             f"run.parent_run_dir={result.run_dir}", "parallel.ep=1"])
+    assert cfg["model"]["flavor"] == result.flavor
+
+
+def test_export_roundtrip_loads_in_transformers(imported, tmp_path: Path) -> None:
+    kind, _, result = imported
+    out = tmp_path / "export"
+    exported = export_hf(f"{result.run_dir}@0", out)
+    hf = load_hf(out)
+    assert type(hf).__name__ == ("Qwen3MoeForCausalLM" if kind == "moe" else "Qwen3ForCausalLM")
+    assert exported.architecture == type(hf).__name__ and (out / "tokenizer.json").is_file()
+    model, *_ = load_run_model(result.run_dir, 0)
+    tokens = sample_tokens(seed=2)
+    assert max_abs_diff(our_logits(model, tokens), hf_logits(hf, tokens), f"export {kind}") < TOLERANCE
+
+
+def test_export_refuses_a_changed_checkpoint(imported, tmp_path: Path) -> None:
+    _, _, result = imported
+    run = tmp_path / "copy"
+    shutil.copytree(result.run_dir, run)
+    step = run / "checkpoint" / "step-0"
+    victim = next(p for p in sorted(step.iterdir()) if p.suffix == ".distcp")
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    with pytest.raises(UntrustedCheckpointError, match="changed"):
+        export_hf(str(run), tmp_path / "out")
+
+
+@pytest.mark.parametrize(("override", "match"), [
+    ({"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
+    ({"mlp_only_layers": [0]}, "mlp_only_layers"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"attention_bias": True}, "attention_bias"),
+])
+def test_unrepresentable_configs_are_refused(tmp_path: Path, override: dict, match: str) -> None:
+    hf_dir = save_tiny_model(tmp_path / "m", "moe", **override)
+    with pytest.raises(ConfigError, match=match):
+        import_hf(hf_dir, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before writing anything
+
+
+def test_missing_tokenizer_and_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    hf_dir = save_tiny_model(tmp_path / "m", "dense")
+    (hf_dir / "tokenizer.json").unlink()
+    with pytest.raises(NotFoundError, match="tokenizer.json"):
+        import_hf(hf_dir, tmp_path / "run")
+    capsys.readouterr()  # transformers' save progress
+    assert main(["checkpoint", "import-hf", str(tmp_path / "nowhere"), str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cpt: error:") and "config.json" in err[0]
+    assert main(["checkpoint", "export-hf", str(tmp_path / "nowhere"), str(tmp_path / "o")]) == 2
+    assert "run.json" in capsys.readouterr().err
+
+
+def test_parse_run_step() -> None:
+    assert parse_run_step("runs/a@12") == (Path("runs/a"), 12)
+    assert parse_run_step("runs/a") == (Path("runs/a"), -1)
+    assert parse_run_step("runs/x@y") == (Path("runs/x@y"), -1)
