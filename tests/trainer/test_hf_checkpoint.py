@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed.checkpoint as dcp
 
 from cpt.cli import main
 from cpt.errors import ConfigError, NotFoundError
@@ -21,10 +23,11 @@ from tests.trainer.hf_models import (
     sample_tokens,
     save_tiny_model,
 )
-from trainer.checkpoint_trust import UntrustedCheckpointError
+from trainer.checkpoint_trust import UntrustedCheckpointError, saved_digests
 from trainer.config import load_config
 from trainer.hf_checkpoint import export_hf, import_hf, load_run_model, parse_run_step
-from trainer.models import shape_of
+from trainer.models import build_model_config, shape_of
+from trainer.run_record import write_run_record
 
 KINDS = ("moe", "dense")
 
@@ -118,3 +121,37 @@ def test_parse_run_step() -> None:
     assert parse_run_step("runs/a@12") == (Path("runs/a"), 12)
     assert parse_run_step("runs/a") == (Path("runs/a"), -1)
     assert parse_run_step("runs/x@y") == (Path("runs/x@y"), -1)
+
+
+def _fake_run(run: Path, flavor: str) -> torch.nn.Module:
+    """A run folder holding a random ``flavor`` model as checkpoint step 0, recorded the way the
+    trainer records it (config.model + checkpoint_sha256)."""
+    torch.manual_seed(0)
+    model = build_model_config(flavor).build()
+    for p in model.parameters():  # the default init zeroes some weights; make every one count
+        if p.dim() >= 2:  # matrices (norm weights stay 1)
+            torch.nn.init.normal_(p, std=0.1)
+    step = run / "checkpoint" / "step-0"
+    dcp.save(model.state_dict(), checkpoint_id=str(step))
+    write_run_record(run, {"run_id": "r-" + flavor, "phase": "pretrain",
+                           "config": {"model": {"flavor": flavor, "router": "aux_loss"}},
+                           "checkpoint_sha256": {"0": saved_digests(step)}, "checkpoints": [0]})
+    return model
+
+
+def test_export_of_a_builtin_flavor(tmp_path: Path) -> None:
+    """A run trained from one of our own flavors (not imported) exports too: config.json is
+    made from its shape (RoPE theta 1e6, eps 1e-6, route_norm for k=2)."""
+    model = _fake_run(tmp_path / "run", "tiny_moe")
+    export_hf(str(tmp_path / "run"), tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["norm_topk_prob"] is True and config["rope_theta"] == 1_000_000.0
+    hf = load_hf(tmp_path / "out")
+    tokens = sample_tokens(seed=5) % 256  # tiny_moe's vocabulary
+    assert max_abs_diff(our_logits(model, tokens), hf_logits(hf, tokens), "export tiny_moe") < TOLERANCE
+
+
+def test_export_refuses_shared_experts(tmp_path: Path) -> None:
+    _fake_run(tmp_path / "run", "tiny_granular")
+    with pytest.raises(ConfigError, match="shared experts"):
+        export_hf(str(tmp_path / "run"), tmp_path / "out")
