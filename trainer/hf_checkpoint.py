@@ -7,12 +7,14 @@ and any run's checkpoint as a model ``transformers`` loads.
 
 * ``OUT_RUN_DIR/hf/``: the model's ``config.json`` and tokenizer files, copied (the flavor,
   i.e. the model shape, is derived from this ``config.json``: :mod:`trainer.hf_config`);
-* ``OUT_RUN_DIR/checkpoint/step-0``: a torch DCP checkpoint of our model (the keys the trainer
-  saves and loads), converted with torchtitan's ``Qwen3StateDictAdapter`` (HF <-> torchtitan
-  names, per-expert <-> grouped expert tensors). Our attention fuses q/k/v into one ``wqkv``
-  (``fuse_qkv=True``); torchtitan's ``FusedQKVLinear`` exposes it in ``state_dict()`` as the
-  stock ``wq``/``wk``/``wv`` that the adapter maps, and merges them back on load (its state-dict
-  hooks), so the conversion goes through ``model.load_state_dict`` / ``model.state_dict()``;
+* ``OUT_RUN_DIR/checkpoint/step-0``: a torch DCP checkpoint (float32) of our model (the keys the
+  trainer saves and loads), converted with torchtitan's ``Qwen3StateDictAdapter`` (HF <->
+  torchtitan names, per-expert <-> grouped expert tensors). Our attention fuses q/k/v into one
+  ``wqkv`` (``fuse_qkv=True``); torchtitan's ``FusedQKVLinear`` exposes it in ``state_dict()``
+  as the stock ``wq``/``wk``/``wv`` that the adapter maps, and merges them back on load (its
+  state-dict hooks), so a checkpoint holds ``wq``/``wk``/``wv`` and no key is hand-mapped.
+  Keys and shapes are checked against our model built on the meta device; the import needs
+  memory for the HF weights plus their float32 copy (no model is materialized);
 * ``OUT_RUN_DIR/run.json``: a run record (``phase: import``) holding the SHA-256 digests of the
   checkpoint's files (loading is refused without them: :mod:`trainer.checkpoint_trust`), the
   source folder and the digests of its files, and the tokenizer (path + sha256).
@@ -118,8 +120,11 @@ def _adapter(model_config: Any) -> Qwen3StateDictAdapter:
     return Qwen3StateDictAdapter(model_config, None)
 
 
-def hf_to_model(hf_sd: dict[str, torch.Tensor], flavor: str, tied: bool) -> torch.nn.Module:
-    """Our model (float32, CPU) holding the weights of a HF Qwen3 / Qwen3-MoE state dict."""
+def hf_to_state_dict(hf_sd: dict[str, torch.Tensor], flavor: str, tied: bool
+                     ) -> dict[str, torch.Tensor]:
+    """The checkpoint state dict (float32; the keys and shapes of our model's ``state_dict()``,
+    i.e. what the trainer saves and loads) of a HF Qwen3 / Qwen3-MoE state dict. Checked
+    against our model built on the meta device (no memory), so no model is materialized."""
     model_config = build_model_config(flavor, router="aux_loss")
     hf_sd = _unfuse_experts(hf_sd)
     if "lm_head.weight" not in hf_sd:
@@ -130,14 +135,16 @@ def hf_to_model(hf_sd: dict[str, torch.Tensor], flavor: str, tied: bool) -> torc
         sd = _adapter(model_config).from_hf(hf_sd)
     except KeyError as exc:
         raise ConfigError(f"weight {exc} has no counterpart in a Qwen3 model") from exc
-    model = _build_model(flavor, router="aux_loss")
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise ConfigError(f"the weights do not fit config.json: "
-                          f"{' '.join(line.strip() for line in first[:3])}") from exc
-    return model
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in model_config.build().state_dict().items()}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = sorted(k for k in set(sd) & set(expected) if tuple(sd[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        what = ([f"missing {k}" for k in missing[:2]] + [f"unexpected {k}" for k in unexpected[:2]]
+                + [f"{k} is {tuple(sd[k].shape)}, not {expected[k]}" for k in wrong[:2]])
+        raise ConfigError(f"the weights do not fit config.json: {'; '.join(what)}")
+    return {k: v.to(torch.float32).contiguous() for k, v in sd.items()}
 
 
 def model_to_hf(model: torch.nn.Module, model_config: Any) -> dict[str, torch.Tensor]:
@@ -164,10 +171,11 @@ def import_hf(hf_dir: str | Path, out_run_dir: str | Path, *, name: str = "") ->
         if (src / fname).is_file():
             shutil.copyfile(src / fname, out / HF_FOLDER / fname)
     flavor = f"{HF_FLAVOR_PREFIX}{out / HF_FOLDER}"
-    model = hf_to_model(hf_sd, flavor, tied=bool(cfg.get("tie_word_embeddings", False)))
+    state = hf_to_state_dict(hf_sd, flavor, tied=bool(cfg.get("tie_word_embeddings", False)))
+    del hf_sd
     step_dir = out / CHECKPOINT_FOLDER / "step-0"
     log.info("writing %s", step_dir)
-    dcp.save(model.state_dict(), checkpoint_id=str(step_dir))
+    dcp.save(state, checkpoint_id=str(step_dir))
     tokenizer = out / HF_FOLDER / TOKENIZER
     shape = shape_of(flavor)
     record: dict[str, Any] = {
@@ -184,7 +192,7 @@ def import_hf(hf_dir: str | Path, out_run_dir: str | Path, *, name: str = "") ->
     }
     write_run_record(out, record)
     return ImportResult(run_dir=out, flavor=flavor,
-                        parameters=sum(p.numel() for p in model.parameters()), tokenizer=tokenizer)
+                        parameters=sum(v.numel() for v in state.values()), tokenizer=tokenizer)
 
 
 def parse_run_step(text: str) -> tuple[Path, int]:

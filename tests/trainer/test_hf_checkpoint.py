@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
 
 from cpt.cli import main
 from cpt.errors import ConfigError, NotFoundError
@@ -155,3 +156,47 @@ def test_export_refuses_shared_experts(tmp_path: Path) -> None:
     _fake_run(tmp_path / "run", "tiny_granular")
     with pytest.raises(ConfigError, match="shared experts"):
         export_hf(str(tmp_path / "run"), tmp_path / "out")
+
+
+def _import_and_compare(hf_dir: Path, run: Path, what: str) -> None:
+    import_hf(hf_dir, run)
+    model, *_ = load_run_model(run, 0)
+    tokens = sample_tokens(seed=6)
+    assert max_abs_diff(our_logits(model, tokens), hf_logits(load_hf(hf_dir), tokens), what) < TOLERANCE
+
+
+def test_tied_embeddings_are_imported_into_the_lm_head(tmp_path: Path) -> None:
+    hf_dir = save_tiny_model(tmp_path / "m", "dense", tie_word_embeddings=True)
+    _import_and_compare(hf_dir, tmp_path / "run", "import tied dense")
+
+
+def test_fused_expert_layout_is_imported(tmp_path: Path) -> None:
+    """Checkpoints with experts stored fused (``mlp.experts.gate_up_proj`` (E, 2F, D) and
+    ``down_proj`` (E, D, F), transformers 5's in-memory layout) import like per-expert ones."""
+    hf_dir = save_tiny_model(tmp_path / "m", "moe")
+    weights = hf_dir / "model.safetensors"
+    sd = load_file(str(weights))
+    fused: dict[str, torch.Tensor] = {}
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.mlp.experts."
+        per = [{k: sd.pop(f"{prefix}{e}.{k}_proj.weight") for k in ("gate", "up", "down")}
+               for e in range(4)]
+        fused[f"{prefix}gate_up_proj"] = torch.stack([torch.cat([p["gate"], p["up"]]) for p in per])
+        fused[f"{prefix}down_proj"] = torch.stack([p["down"] for p in per])
+    save_file({**sd, **fused}, str(hf_dir / "fused.safetensors"))
+    weights.rename(tmp_path / "per_expert.safetensors")
+    import_hf(hf_dir, tmp_path / "run")
+    (hf_dir / "fused.safetensors").unlink()
+    (tmp_path / "per_expert.safetensors").rename(weights)  # transformers reads the stock layout
+    model, *_ = load_run_model(tmp_path / "run", 0)
+    tokens = sample_tokens(seed=7)
+    assert max_abs_diff(our_logits(model, tokens), hf_logits(load_hf(hf_dir), tokens),
+                        "import fused experts") < TOLERANCE
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path: Path) -> None:
+    hf_dir = save_tiny_model(tmp_path / "m", "moe")
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "moe_intermediate_size": 32}))
+    with pytest.raises(ConfigError, match="do not fit config.json: .*w1_EFD"):
+        import_hf(hf_dir, tmp_path / "run")
