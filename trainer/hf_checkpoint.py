@@ -14,7 +14,9 @@ and any run's checkpoint as a model ``transformers`` loads.
   as the stock ``wq``/``wk``/``wv`` that the adapter maps, and merges them back on load (its
   state-dict hooks), so a checkpoint holds ``wq``/``wk``/``wv`` and no key is hand-mapped.
   Keys and shapes are checked against our model built on the meta device; the import needs
-  memory for the HF weights plus their float32 copy (no model is materialized);
+  memory for the HF weights plus their float32 copy (no model is materialized). MoE layers get
+  a zero ``expert_bias_E`` (what an ``aux_free`` router adds to its routing scores; HF has
+  none), so a CPT phase may use any ``model.router``;
 * ``OUT_RUN_DIR/run.json``: a run record (``phase: import``) holding the SHA-256 digests of the
   checkpoint's files (loading is refused without them: :mod:`trainer.checkpoint_trust`), the
   source folder and the digests of its files, and the tokenizer (path + sha256).
@@ -53,6 +55,7 @@ TOKENIZER = "tokenizer.json"
 TOKENIZER_FILES = (TOKENIZER, "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "vocab.json", "merges.txt")
 WEIGHTS = "model.safetensors"
+EXPERT_BIAS = "expert_bias_E"  # aux_free routers' balancing bias (a persistent MoE buffer)
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +140,11 @@ def hf_to_state_dict(hf_sd: dict[str, torch.Tensor], flavor: str, tied: bool
         raise ConfigError(f"weight {exc} has no counterpart in a Qwen3 model") from exc
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in model_config.build().state_dict().items()}
+        free = build_model_config(flavor, router="aux_free").build().state_dict()
+    for key, value in free.items():  # so that a CPT phase may pick any router: HF has no bias
+        if key.endswith(EXPERT_BIAS) and key not in sd:
+            sd[key] = torch.zeros(value.shape, dtype=torch.float32)
+            expected[key] = tuple(value.shape)
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     wrong = sorted(k for k in set(sd) & set(expected) if tuple(sd[k].shape) != expected[k])
@@ -242,7 +250,7 @@ def export_hf(run: str, out_dir: str | Path, *, trust: bool = False) -> ExportRe
     _empty_target(out)
     model, model_config, settings, step = load_run_model(run_dir, step, trust=trust)
     for name, buf in model.named_buffers():
-        if name.endswith("expert_bias_E") and bool(buf.abs().sum() > 0):
+        if name.endswith(EXPERT_BIAS) and bool(buf.abs().sum() > 0):
             raise ConfigError("this run's routers learned an expert bias (model.router=aux_free), "
                               "which Qwen3-MoE has no place for; it cannot be exported exactly")
     shape = shape_of(settings["flavor"])

@@ -200,3 +200,22 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path: Path) -> None:
     (hf_dir / "config.json").write_text(json.dumps({**cfg, "moe_intermediate_size": 32}))
     with pytest.raises(ConfigError, match="do not fit config.json: .*w1_EFD"):
         import_hf(hf_dir, tmp_path / "run")
+
+
+@pytest.mark.parametrize("router", ["aux_free", "sinkhorn"])
+def test_imported_checkpoint_loads_for_every_router(imported, router: str) -> None:
+    """A CPT phase may pick any model.router: the model-only DCP load the trainer does (the
+    model's state_dict keys, read from the checkpoint) finds every key, aux_free's expert bias
+    included (zero), and the forward pass is still the HF model's."""
+    kind, hf_dir, result = imported
+    if kind != "moe":
+        pytest.skip("routers exist in MoE models only")
+    model = build_model_config(result.flavor, router=router).build()
+    state = model.state_dict()
+    dcp.load(state, checkpoint_id=str(result.run_dir / "checkpoint" / "step-0"))
+    model.load_state_dict(state)
+    biases = [b for n, b in model.named_buffers() if n.endswith("expert_bias_E")]
+    assert len(biases) == (2 if router == "aux_free" else 0) and all(not b.any() for b in biases)
+    tokens = sample_tokens(seed=8)
+    assert max_abs_diff(our_logits(model, tokens), hf_logits(load_hf(hf_dir), tokens),
+                        f"import moe, router {router}") < TOLERANCE
