@@ -86,7 +86,8 @@ def _read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     if not files:
         raise NotFoundError(f"{hf_dir} holds no *.safetensors weights")
     out: dict[str, torch.Tensor] = {}
-    for f in files:
+    for i, f in enumerate(files):
+        log.info("reading %s (%d/%d)", f.name, i + 1, len(files))
         with safe_open(str(f), framework="pt") as st:
             for key in st.keys():  # noqa: SIM118 - safe_open is not a mapping
                 out[key] = st.get_tensor(key)
@@ -248,6 +249,7 @@ def export_hf(run: str, out_dir: str | Path, *, trust: bool = False) -> ExportRe
     run_dir, step = parse_run_step(run)
     out = Path(out_dir)
     _empty_target(out)
+    log.info("reading %s (checkpoint %s)", run_dir, "latest" if step < 0 else f"step-{step}")
     model, model_config, settings, step = load_run_model(run_dir, step, trust=trust)
     for name, buf in model.named_buffers():
         if name.endswith(EXPERT_BIAS) and bool(buf.abs().sum() > 0):
@@ -263,9 +265,12 @@ def export_hf(run: str, out_dir: str | Path, *, trust: bool = False) -> ExportRe
     hf_dir = Path(flavor[len(HF_FLAVOR_PREFIX):]) if flavor.startswith(HF_FLAVOR_PREFIX) else None
     base = read_hf_config(hf_dir) if hf_dir is not None else None
     config = hf_config_of(shape, route_norm, base)
-    config["torch_dtype"] = "float32"
+    config["dtype"] = "float32"  # the weights written (transformers 5's key)
+    if "torch_dtype" in config:  # 4.x's key, from an imported model's config
+        config["torch_dtype"] = "float32"
     hf_sd = model_to_hf(model, model_config)
     out.mkdir(parents=True, exist_ok=True)
+    log.info("writing %s", out / WEIGHTS)
     save_file(hf_sd, str(out / WEIGHTS), metadata={"format": "pt"})
     (out / HF_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if hf_dir is not None:
