@@ -22,6 +22,7 @@ STAGE_CLI_MODULES: tuple[str, ...] = (
     "moe_cpt.provenance.cli",
     "moe_cpt.bench.cli",
     "moe_cpt.trainer.study.cli",
+    "moe_cpt.trainer.hf_cli",
 )
 
 

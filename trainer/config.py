@@ -133,15 +133,14 @@ def _check_lists(cfg: dict[str, Any]) -> None:
 
 
 def validate(cfg: dict[str, Any]) -> None:
-    from moe_cpt.trainer.models import ROUTERS, SHAPES
+    from moe_cpt.trainer.models import ROUTERS, shape_of
 
     m, t, p = cfg["model"], cfg["training"], cfg["parallel"]
-    if m["flavor"] not in SHAPES:
-        raise ConfigError(f"model.flavor {m['flavor']!r} unknown ({', '.join(SHAPES)})")
+    shape = shape_of(m["flavor"])  # a SHAPES name or hf:DIR; ConfigError if unknown
     if m["router"] not in ROUTERS:
         raise ConfigError(f"model.router {m['router']!r} unknown ({', '.join(ROUTERS)})")
     _validate_schedule(cfg["schedule"], int(t["steps"]))
-    _validate_router(m, SHAPES[m["flavor"]], int(p["ep"]))
+    _validate_router(m, shape, int(p["ep"]))
     if cfg["data"]["kind"] not in ("synthetic", "mixer"):
         raise ConfigError("data.kind must be 'synthetic' or 'mixer'")
     d = cfg["data"]
@@ -204,13 +203,13 @@ def to_trainer_config(cfg: dict[str, Any]) -> Any:
 
     from moe_cpt.trainer import cpu_compat
     from moe_cpt.trainer.data import CptDataLoader, NullTokenizer
-    from moe_cpt.trainer.models import SHAPES, model_spec
+    from moe_cpt.trainer.models import model_spec, shape_of
     from moe_cpt.trainer.schedules import lr_scheduler_config
     from moe_cpt.trainer.step_metrics import StepMetrics
     from moe_cpt.trainer.train import CptTrainer, EvalConfig, RunConfig
 
     m, d, t, p = cfg["model"], cfg["data"], cfg["training"], cfg["parallel"]
-    vocab = m["vocab_size"] or SHAPES[m["flavor"]].vocab_size
+    vocab = m["vocab_size"] or shape_of(m["flavor"]).vocab_size
     spec = model_spec(
         m["flavor"], router=m["router"], attention=m["attention"],
         aux_loss_coeff=_optional_float(m["aux_loss_coeff"]),

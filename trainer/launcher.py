@@ -50,7 +50,7 @@ def check_data_source(cfg: dict[str, Any], record: dict[str, Any]) -> None:
         return
     from moe_cpt.mixer.dataset import open_blend
     from moe_cpt.trainer.data import check_source_shape
-    from moe_cpt.trainer.models import SHAPES
+    from moe_cpt.trainer.models import shape_of
 
     resumed = is_resume(cfg["run"]["output_dir"]) and recorded_blend(record)
     spec: Any = resumed or d["blend"]
@@ -61,7 +61,7 @@ def check_data_source(cfg: dict[str, Any], record: dict[str, Any]) -> None:
                              blend=blend)
     check_source_shape(source, what=f"blend {d['blend']}", seq_len=int(t["seq_len"]),
                        global_batch_size=g if g > 0 else int(t["local_batch_size"]) * dp,
-                       vocab_size=int(cfg["model"]["vocab_size"] or SHAPES[cfg["model"]["flavor"]].vocab_size))
+                       vocab_size=int(cfg["model"]["vocab_size"] or shape_of(cfg["model"]["flavor"]).vocab_size))
 
 
 def launch(config_path: str | None, overrides: Sequence[str], *, dry_run: bool = False,

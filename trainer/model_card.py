@@ -26,11 +26,11 @@ def _m(n: int) -> str:
 
 def model_table(cfg: dict[str, Any]) -> str:
     """Plain-text table of ``cfg``'s model (no weights are allocated)."""
-    from moe_cpt.trainer.models import SHAPES, parameter_counts
+    from moe_cpt.trainer.models import parameter_counts, shape_of
 
     m = cfg["model"]
     flavor = m["flavor"]
-    s = SHAPES[flavor]
+    s = shape_of(flavor)
     vocab = m["vocab_size"] or s.vocab_size
     counts = parameter_counts(flavor, vocab_size=vocab)
     rows = [

@@ -43,10 +43,12 @@ from torchtitan.models.qwen3 import parallelize_qwen3
 from torchtitan.models.qwen3.model import Qwen3Model, Qwen3TransformerBlock
 from torchtitan.protocols.model_spec import ModelSpec
 
-from moe_cpt.trainer import cpu_compat
+from moe_cpt.errors import ConfigError
+from moe_cpt.trainer import cpu_compat, hf_config
 from moe_cpt.trainer.attention import DocumentSDPA
 from moe_cpt.trainer.routers import CptRouter
 
+HF_FLAVOR_PREFIX = "hf:"  # model.flavor: hf:DIR = the shape of DIR/config.json
 RouterKind = Literal["aux_loss", "sinkhorn", "aux_free"]
 ROUTERS: tuple[str, ...] = ("aux_loss", "sinkhorn", "aux_free")
 
@@ -80,6 +82,9 @@ class Shape:
     moe_hidden: int = 0
     shared_experts: int = 0  # always-on experts of width moe_hidden (DeepSeek-style)
     max_seq_len: int = 4096
+    rope_theta: float = 1_000_000.0
+    norm_eps: float = 1e-6  # RMSNorm epsilon (all norms)
+    route_norm: bool | None = None  # the model's own top-k renormalization (HF norm_topk_prob)
 
     @property
     def is_moe(self) -> bool:
@@ -118,8 +123,21 @@ def _normal(std: float) -> Callable:
     return partial(nn.init.normal_, std=std)
 
 
-def _norm(dim: int) -> RMSNorm.Config:
-    return RMSNorm.Config(normalized_shape=dim, eps=1e-6, param_init={"weight": nn.init.ones_})
+def _norm(dim: int, eps: float = 1e-6) -> RMSNorm.Config:
+    return RMSNorm.Config(normalized_shape=dim, eps=eps, param_init={"weight": nn.init.ones_})
+
+
+def shape_of(flavor: str) -> Shape:
+    """The shape of ``flavor``: a name of :data:`SHAPES`, or ``hf:DIR`` for the shape of the
+    Hugging Face ``DIR/config.json`` (an imported model: trainer/hf_checkpoint.py); raises
+    :class:`moe_cpt.errors.ConfigError` for an unknown name or a config we cannot represent."""
+    if flavor.startswith(HF_FLAVOR_PREFIX):
+        return Shape(**hf_config.shape_fields(hf_config.read_hf_config(
+            flavor[len(HF_FLAVOR_PREFIX):])))
+    if flavor not in SHAPES:
+        raise ConfigError(f"model.flavor {flavor!r} unknown ({', '.join(SHAPES)}, "
+                          f"or {HF_FLAVOR_PREFIX}DIR of an imported Hugging Face model)")
+    return SHAPES[flavor]
 
 
 def inner_attention_config(backend: str) -> Any:
@@ -152,6 +170,8 @@ def router_config(
     z = preset.z_loss_coeff if z_loss_coeff is None else z_loss_coeff
     gate = Linear.Config(in_features=shape.dim, out_features=shape.num_experts, bias=False,
                          param_init={"weight": _normal(0.02)})
+    if route_norm is None:
+        route_norm = shape.route_norm
     norm = default_route_norm(shape.top_k) if route_norm is None else route_norm
     common = dict(num_experts=shape.num_experts, gate=gate, top_k=shape.top_k,
                   score_func="softmax", route_norm=norm)
@@ -182,24 +202,22 @@ def build_model_config(
     sinkhorn_max_iters: int = 100,
     route_norm: bool | None = None,
 ) -> Qwen3Model.Config:
-    if flavor not in SHAPES:
-        raise ValueError(f"unknown model flavor {flavor!r} ({' | '.join(SHAPES)})")
-    s = SHAPES[flavor]
+    s = shape_of(flavor)
     vocab = vocab_size or s.vocab_size
     std = 0.02
     out_init = _normal(std / (2 * s.n_layers) ** 0.5)
     linear_init = {"weight": _normal(std), "bias": nn.init.zeros_}
-    rope = CosSinRoPE.Config(dim=s.head_dim, max_seq_len=s.max_seq_len, theta=1_000_000.0)
+    rope = CosSinRoPE.Config(dim=s.head_dim, max_seq_len=s.max_seq_len, theta=s.rope_theta)
     layers = []
     for _ in range(s.n_layers):
         attn = make_gqa_config(
             dim=s.dim, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads, head_dim=s.head_dim,
             wqkv_param_init=linear_init, wo_param_init={"weight": out_init, "bias": nn.init.zeros_},
             inner_attention=inner_attention_config(attention), fuse_qkv=True, rope=rope,
-            qk_norm=_norm(s.head_dim),
+            qk_norm=_norm(s.head_dim, s.norm_eps),
         )
-        block: dict[str, Any] = dict(attention_norm=_norm(s.dim), ffn_norm=_norm(s.dim),
-                                     attention=attn)
+        block: dict[str, Any] = dict(attention_norm=_norm(s.dim, s.norm_eps),
+                                     ffn_norm=_norm(s.dim, s.norm_eps), attention=attn)
         if s.is_moe:
             block["moe"] = make_moe_config(
                 num_experts=s.num_experts,
@@ -225,7 +243,7 @@ def build_model_config(
     return Qwen3Model.Config(
         vocab_size=vocab,
         dim=s.dim,
-        norm=_norm(s.dim),
+        norm=_norm(s.dim, s.norm_eps),
         tok_embeddings=Embedding.Config(num_embeddings=vocab, embedding_dim=s.dim,
                                         param_init={"weight": _normal(std)}),
         lm_head=Linear.Config(in_features=s.dim, out_features=vocab, param_init=linear_init),
@@ -259,7 +277,7 @@ class ParameterCounts:
 
 def parameter_counts(flavor: str, vocab_size: int | None = None) -> ParameterCounts:
     """Exact counts from the model built on the meta device (no memory, no init)."""
-    s = SHAPES[flavor]
+    s = shape_of(flavor)
     with torch.device("meta"):
         model = build_model_config(flavor, router="aux_loss", vocab_size=vocab_size).build()
     total = routed = shared = embedding = 0
