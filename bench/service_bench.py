@@ -35,7 +35,7 @@ def _consume(it, samples: int) -> tuple[float, int]:
 
 
 def _client_worker(url: str, rank: int, world: int, samples: int, out: mp.Queue) -> None:
-    from moe_cpt.mixer.client import ServiceMixedDataset
+    from moe_cpt.mixer.service.client import ServiceMixedDataset
 
     ds = ServiceMixedDataset(url, rank=rank, world_size=world)
     out.put(_consume(iter(ds), samples))
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from moe_cpt.bench.mixer_bench import blend_spec, build_store
     from moe_cpt.mixer.blocks import CacheConfig
-    from moe_cpt.mixer.client import ServiceMixedDataset
     from moe_cpt.mixer.dataset import MixedDataset
+    from moe_cpt.mixer.service.client import ServiceMixedDataset
     from moe_cpt.mixer.spec import resolve
 
     rows: list[tuple[str, float]] = []

@@ -70,9 +70,10 @@ def _inspect(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from moe_cpt.mixer.blocks import CacheConfig
     from moe_cpt.mixer.dataset import open_blend
-    from moe_cpt.mixer.service import MixService, ServeRecord, ServiceConfig, serve_forever
+    from moe_cpt.mixer.service.record import ServeRecord
+    from moe_cpt.mixer.service.server import MixService, ServiceConfig, serve_forever
+    from moe_cpt.mixer.service.wire import TOKEN_ENV
     from moe_cpt.mixer.spec import load_spec_file
-    from moe_cpt.mixer.wire import TOKEN_ENV
 
     token = os.environ.get(TOKEN_ENV) or None
     if args.token_file:
@@ -117,7 +118,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=_inspect)
     s = mix.add_parser(
         "serve", help="serve a blend over HTTP to trainer ranks (see docs/service.md)",
-        description="Run the mixer as a network service: clients (moe_cpt.mixer.client.ServiceMixedDataset) "
+        description="Run the mixer as a network service: clients (moe_cpt.mixer.service.client.ServiceMixedDataset) "
         "POST their (rank, world size, state) to /v1/samples and stream their samples as binary frames; "
         "GET /healthz, /metrics (Prometheus), /v1/blend, /v1/validation. Stateless: any replica of the "
         "same blend continues any client. SIGTERM/SIGINT stop it cleanly.")

@@ -1,5 +1,5 @@
 """What the in-process :class:`~moe_cpt.mixer.dataset.MixedDataset` and the service client
-:class:`~moe_cpt.mixer.client.ServiceMixedDataset` share: the dataset contract the trainer relies on
+:class:`~moe_cpt.mixer.service.client.ServiceMixedDataset` share: the dataset contract the trainer relies on
 (source names and versions, ``seq_len``, global batch size, the state API)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 from torch.utils.data import IterableDataset
 
 from moe_cpt.mixer.spec import ResolvedBlend
-from moe_cpt.mixer.stream import MixState, find_states, merge_states
+from moe_cpt.mixer.state import MixState, find_states, merge_states
 
 
 class BlendDataset(IterableDataset):

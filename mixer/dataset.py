@@ -4,9 +4,10 @@
     loader = torchdata.stateful_dataloader.StatefulDataLoader(
         ds, batch_size=ds.loader_batch_size, num_workers=2)
 
-Each sample is a dict: ``tokens`` and ``positions`` (int64 arrays of ``seq_len + 1``),
-``source`` (index into :attr:`MixedDataset.source_names`) and provenance (``sample``: global
-sample index, ``index``: the source's sample index, ``epoch``, ``shard``, ``block``, ``offset``).
+Each sample is a :class:`~moe_cpt.mixer.sample.Sample` dict: ``tokens`` and ``positions`` (int64
+arrays of ``seq_len + 1``), ``source`` (index into :attr:`MixedDataset.source_names`) and
+provenance (``sample``: global sample index, ``index``: the source's sample index, ``epoch``,
+``shard``, ``block``, ``offset``).
 The stream is the same whatever the number of loader workers, as long as the loader's
 ``batch_size`` equals :attr:`loader_batch_size` (the workers deal chunks of that many samples).
 With ``batched=True`` the dataset yields those chunks already collated (``batch_size=None``).
@@ -23,6 +24,7 @@ from torch.utils.data import get_worker_info
 from moe_cpt.mixer.blocks import CacheConfig
 from moe_cpt.mixer.contract import BlendDataset
 from moe_cpt.mixer.spec import ResolvedBlend, blend_from_json, open_sources, resolve
+from moe_cpt.mixer.state import Worker
 from moe_cpt.mixer.stream import MixStream
 from moe_cpt.store.reader import DatasetVersion
 
@@ -79,7 +81,8 @@ class MixedDataset(BlendDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        worker = (info.id, info.num_workers, self.loader_batch_size) if info else (0, 1, self.loader_batch_size)
+        worker = Worker(info.id, info.num_workers, self.loader_batch_size) if info else \
+            Worker(0, 1, self.loader_batch_size)
         stream = self._get_stream()
         try:
             if self.batched:

@@ -13,12 +13,12 @@ blocks per source. Everything is addressable: sample ``j`` -> (epoch, window) ->
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
 from moe_cpt.hashing import sha256_hex
+from moe_cpt.mixer.lru import LruCache
 
 
 def _seed_words(*parts: int | str) -> list[int]:
@@ -63,37 +63,25 @@ class SourcePacking:
         self.windows_per_epoch = (self.n_tokens - 1) // seq_len
         if self.windows_per_epoch < 1:
             raise ValueError(f"source {key}: {self.n_tokens} tokens cannot fill one sample of {seq_len + 1}")
-        self._epochs: OrderedDict[int, _EpochLayout] = OrderedDict()
-        self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._epochs: LruCache[int, _EpochLayout] = LruCache(4)
+        self._perms: LruCache[tuple[int, int], np.ndarray] = LruCache(64)
 
     def _rng(self, *parts: int) -> np.random.Generator:
         return np.random.default_rng(_seed_words(self.seed, self.key, *parts))
 
     def epoch(self, e: int) -> _EpochLayout:
-        lay = self._epochs.get(e)
-        if lay is None:
-            order = self._rng(e).permutation(len(self.block_tokens))
-            cum = np.concatenate([[0], np.cumsum(self.block_tokens[order])])
-            starts = cum[:: self.shuffle_blocks][: (len(order) + self.shuffle_blocks - 1) // self.shuffle_blocks]
-            first = np.minimum(-(-starts // self.seq_len), self.windows_per_epoch)
-            first = np.concatenate([first, [self.windows_per_epoch]])
-            lay = _EpochLayout(order, cum, first)
-            self._epochs[e] = lay
-            if len(self._epochs) > 4:
-                self._epochs.popitem(last=False)
-        else:
-            self._epochs.move_to_end(e)
-        return lay
+        return self._epochs.get(e, lambda: self._layout(e))
+
+    def _layout(self, e: int) -> _EpochLayout:
+        order = self._rng(e).permutation(len(self.block_tokens))
+        cum = np.concatenate([[0], np.cumsum(self.block_tokens[order])])
+        starts = cum[:: self.shuffle_blocks][: (len(order) + self.shuffle_blocks - 1) // self.shuffle_blocks]
+        first = np.minimum(-(-starts // self.seq_len), self.windows_per_epoch)
+        first = np.concatenate([first, [self.windows_per_epoch]])
+        return _EpochLayout(order, cum, first)
 
     def _chunk_perm(self, e: int, c: int, n: int) -> np.ndarray:
-        key = (e, c)
-        perm = self._perms.get(key)
-        if perm is None:
-            perm = self._rng(e, c).permutation(n)
-            self._perms[key] = perm
-            if len(self._perms) > 64:
-                self._perms.popitem(last=False)
-        return perm
+        return self._perms.get((e, c), lambda: self._rng(e, c).permutation(n))
 
     def locate(self, j: int) -> SampleLoc:
         e, q = divmod(int(j), self.windows_per_epoch)

@@ -19,7 +19,6 @@ the stream never reads the parent run.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from moe_cpt.errors import ConfigError
 from moe_cpt.mixer.holdout import Holdout
+from moe_cpt.mixer.lru import LruCache
 from moe_cpt.mixer.packing import SampleLoc, SourcePacking, _seed_words
 from moe_cpt.mixer.schedule import MixPoint, WeightSchedule, plan_step
 
@@ -111,33 +111,22 @@ class SeenPacking:
         self.windows_per_epoch = n_seen
         self.starts = chunk_starts(parent, n_seen)
         self.sizes = np.diff(np.append(self.starts, n_seen))
-        self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._epochs: LruCache[int, tuple[np.ndarray, np.ndarray]] = LruCache(4)
+        self._perms: LruCache[tuple[int, int], np.ndarray] = LruCache(64)
 
     def _rng(self, *parts: int) -> np.random.Generator:
         return np.random.default_rng(_seed_words(self.seed, self.key, *parts))
 
     def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         """Epoch ``e``'s chunk order and the cumulative sizes over that order (+ 0 first)."""
-        lay = self._epochs.get(e)
-        if lay is None:
-            order = self._rng(e).permutation(len(self.sizes))
-            lay = order, np.concatenate([[0], np.cumsum(self.sizes[order])])
-            self._epochs[e] = lay
-            if len(self._epochs) > 4:
-                self._epochs.popitem(last=False)
-        else:
-            self._epochs.move_to_end(e)
-        return lay
+        return self._epochs.get(e, lambda: self._layout(e))
+
+    def _layout(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        order = self._rng(e).permutation(len(self.sizes))
+        return order, np.concatenate([[0], np.cumsum(self.sizes[order])])
 
     def _chunk_perm(self, e: int, c: int) -> np.ndarray:
-        perm = self._perms.get((e, c))
-        if perm is None:
-            perm = self._rng(e, c).permutation(int(self.sizes[c]))
-            self._perms[(e, c)] = perm
-            if len(self._perms) > 64:
-                self._perms.popitem(last=False)
-        return perm
+        return self._perms.get((e, c), lambda: self._rng(e, c).permutation(int(self.sizes[c])))
 
     def parent_indices(self, js: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(replay epoch, parent sample index)`` of each of the samples ``js``."""

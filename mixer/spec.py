@@ -14,15 +14,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import yaml
 
 from moe_cpt.errors import ConfigError, CptError
-from moe_cpt.fs import absolute_url, dumps_canonical
+from moe_cpt.fs import absolute_url, dumps_canonical, read_json
 from moe_cpt.hashing import sha256_hex
+from moe_cpt.mixer.blocks import retry_call
 from moe_cpt.mixer.holdout import Holdout, auto_tokens, choose_holdout
 from moe_cpt.mixer.replay import REPLAY_MODES, RUN_RECORD, SeenReplay, seen_counts
 from moe_cpt.mixer.schedule import Knot, WeightSchedule
+from moe_cpt.mixer.state import find_states
 from moe_cpt.store.object_store import parse_ref
 from moe_cpt.store.reader import DatasetVersion, open_dataset
 
@@ -291,8 +294,6 @@ def open_sources(blend: ResolvedBlend) -> list[DatasetVersion]:
 
 
 def _open(store: str, ref: str, name: str, retries: int = 4) -> DatasetVersion:
-    from moe_cpt.mixer.blocks import retry_call
-
     try:
         return retry_call(lambda: open_dataset(store, ref), f"open {ref} in {store}", retries)
     except CptError as exc:
@@ -300,8 +301,6 @@ def _open(store: str, ref: str, name: str, retries: int = 4) -> DatasetVersion:
 
 
 def _choose_holdout(s: SourceSpec, ds: DatasetVersion, min_train_tokens: int) -> Holdout:
-    from moe_cpt.mixer.blocks import retry_call
-
     tokens = auto_tokens(ds.manifest.n_tokens) if s.holdout_tokens == "auto" else int(s.holdout_tokens)
     refs = list(ds.block_refs())
 
@@ -331,10 +330,6 @@ def _resolve_source(s: SourceSpec, ds: DatasetVersion, bs: BlendSpec) -> Resolve
 
 def _read_parent_record(seen_by: str, where: str) -> dict[str, Any]:
     """The parent's ``run.json`` (a local folder or an fsspec URL)."""
-    import fsspec
-
-    from moe_cpt.fs import read_json
-
     try:
         fs, path = fsspec.core.url_to_fs(seen_by)
         record = read_json(fs, f"{path.rstrip('/')}/{RUN_RECORD}")
@@ -368,8 +363,6 @@ def _parent_step(record: dict[str, Any], want: int | None, where: str) -> int:
 def _check_parent_state(data: dict[str, Any], parent: ResolvedBlend, step: int, counts: tuple[int, ...],
                         where: str) -> None:
     """If the record's mixer state is at ``step``, its counts must be the schedule's."""
-    from moe_cpt.mixer.stream import find_states
-
     for st in find_states(data.get("state")):
         if st.get("blend") == parent.fingerprint and st.get("step") == step and \
                 tuple(st.get("counts") or ()) != counts:

@@ -1,5 +1,5 @@
-"""The mixed sample stream of one data-parallel rank (no torch here; the dataset and a future
-network service both wrap this).
+"""The mixed sample stream of one data-parallel rank (no torch here): the in-process dataset
+(mixer/dataset.py) and the mixer service (mixer/service/) both wrap it.
 
 Global sample order: with global batch ``G`` and ``W`` ranks (``b = G // W``), step ``s`` of rank
 ``r`` is global samples ``s*G + r*b ... s*G + r*b + b - 1``. A rank's *local position* ``p``
@@ -14,7 +14,6 @@ import sys
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -22,100 +21,11 @@ from moe_cpt.errors import ConfigError
 from moe_cpt.mixer.blocks import BlockLoader, CacheConfig
 from moe_cpt.mixer.packing import SourcePacking
 from moe_cpt.mixer.replay import SeenPacking, source_packing
+from moe_cpt.mixer.sample import Sample, make_sample
 from moe_cpt.mixer.schedule import MixPoint, StepPlan, WeightSchedule, plan_step
 from moe_cpt.mixer.spec import ResolvedBlend
+from moe_cpt.mixer.state import MixState, Worker, check_rank, check_state
 from moe_cpt.store.reader import BlockRef, DatasetVersion
-
-STATE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class MixState:
-    """Where a stream continues: tiny, JSON-able, independent of the number of workers.
-
-    ``point`` is the assignment state (samples served and deficits per source) at the start of
-    step ``point.step``; ``next`` is the next local position of this rank (>= point.step * b).
-    """
-
-    blend: str
-    world_size: int
-    point: MixPoint
-    next: int
-    worker: tuple[int, int, int] | None = None  # (worker id, num workers, loader batch)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "mixer_state": STATE_VERSION,
-            "blend": self.blend,
-            "world_size": self.world_size,
-            "step": self.point.step,
-            "counts": list(self.point.counts),
-            "deficit": list(self.point.deficit),
-            "next": self.next,
-            "worker": list(self.worker) if self.worker else None,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MixState:
-        if not isinstance(d, dict) or d.get("mixer_state") != STATE_VERSION:
-            raise ConfigError(f"not a mixer state (version {STATE_VERSION}): {str(d)[:200]}")
-        return cls(
-            blend=d["blend"], world_size=int(d["world_size"]),
-            point=MixPoint(int(d["step"]), tuple(map(int, d["counts"])), tuple(map(int, d["deficit"]))),
-            next=int(d["next"]), worker=tuple(d["worker"]) if d.get("worker") else None,
-        )
-
-    def global_step(self, global_batch: int) -> int:
-        b = global_batch // self.world_size
-        return self.next // b
-
-    def rescaled(self, world_size: int, global_batch: int) -> MixState:
-        """The same global position for a different world size (must be at a step boundary)."""
-        if world_size == self.world_size:
-            return self
-        b_old = global_batch // self.world_size
-        if self.next % b_old:
-            raise ConfigError(
-                f"cannot resume a mixer state taken mid-step ({self.next % b_old} of {b_old} samples "
-                f"into step {self.next // b_old}) with a different world size "
-                f"({self.world_size} -> {world_size}); checkpoint at step boundaries"
-            )
-        b_new = global_batch // world_size
-        return MixState(self.blend, world_size, self.point, (self.next // b_old) * b_new, None)
-
-
-def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
-    """One global state from per-worker states: the earliest unconsumed position wins."""
-    parsed = [MixState.from_dict(s) for s in states]
-    if not parsed:
-        raise ConfigError("no mixer states to merge")
-    best = min(parsed, key=lambda s: s.next)
-    return MixState(best.blend, best.world_size, best.point, best.next, None).to_dict()
-
-
-def find_states(obj: Any) -> list[dict[str, Any]]:
-    """All mixer states nested anywhere in ``obj`` (e.g. a StatefulDataLoader state dict)."""
-    found: list[dict[str, Any]] = []
-    if isinstance(obj, dict):
-        if obj.get("mixer_state") == STATE_VERSION:
-            return [obj]
-        for v in obj.values():
-            found += find_states(v)
-    elif isinstance(obj, list | tuple):
-        for v in obj:
-            found += find_states(v)
-    return found
-
-
-def check_state(state: MixState, fingerprint: str, n_sources: int, world_size: int,
-                global_batch: int) -> MixState:
-    """``state`` checked against the blend (fingerprint, number of sources) and rescaled to
-    ``world_size`` (elastic resume; refused off a step boundary)."""
-    if state.blend != fingerprint:
-        raise ConfigError(f"mixer state belongs to blend {state.blend}, not to this blend {fingerprint}")
-    if len(state.point.counts) != n_sources:
-        raise ConfigError("mixer state has a different number of sources than the blend")
-    return state.rescaled(world_size, global_batch)
 
 
 @dataclass
@@ -145,14 +55,32 @@ class _Chunk:
     single_a: np.ndarray  # whether the window lies inside that block (else: see ``pieces``)
 
 
+@dataclass(slots=True)
+class _Filled:
+    """A chunk with its windows written: ``tokens``/``positions`` ``[n, seq_len + 1]``, where
+    each window's first token lives, the stored bytes each window accounts for, the position
+    after the chunk, the step points its states refer to and the states' ``worker``."""
+
+    chunk: _Chunk
+    tokens: np.ndarray
+    positions: np.ndarray
+    shard: np.ndarray
+    block: np.ndarray
+    offset: np.ndarray
+    consumed: list[float]
+    after: int
+    points: dict[int, MixPoint]
+    worker: Worker | None
+
+
 class _Planner:
     """Plans one worker's positions chunk by chunk: the steps' source assignment (sequential,
     from the state's :class:`MixPoint`), then where each sample lives (vectorized per source)."""
 
-    def __init__(self, stream: MixStream, state: MixState, worker: tuple[int, int, int]):
+    def __init__(self, stream: MixStream, state: MixState, worker: Worker):
         self.s = stream
         wid, self.nw, self.lb = worker
-        own = state.worker is not None and tuple(state.worker) == worker
+        own = state.worker == worker
         self.next_start = state.next if own else state.next + wid * self.lb
         self.point = state.point
         self.plan: StepPlan | None = None
@@ -240,10 +168,7 @@ class MixStream:
         """``loader``: a :class:`BlockLoader` shared with other streams of the same blend (the
         service shares one between its clients); by default the stream makes its own."""
         g = blend.spec.global_batch_size
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ConfigError(f"invalid rank {rank} of world size {world_size}")
-        if g % world_size:
-            raise ConfigError(f"global_batch_size {g} is not divisible by the data-parallel world size {world_size}")
+        check_rank(rank, world_size, g)
         self.blend = blend
         self.fingerprint = blend.fingerprint  # hashed once: it is in every state
         self.rank = rank
@@ -270,17 +195,28 @@ class MixStream:
     def initial_state(self) -> MixState:
         return MixState(self.fingerprint, self.world_size, MixPoint.start(len(self.packings)), 0)
 
-    def check_state(self, state: MixState) -> MixState:
-        return check_state(state, self.fingerprint, len(self.packings), self.world_size, self.global_batch)
+    def check_state(self, state: MixState, worker: Worker | None = None) -> MixState:
+        """``state`` checked against this stream's blend and rescaled to its world size
+        (:func:`check_state`)."""
+        return check_state(state, self.fingerprint, len(self.packings), self.world_size, self.global_batch, worker)
 
     # ---- iteration ---------------------------------------------------------------------
-    def _chunks(self, state: MixState, worker: tuple[int, int, int]) -> Iterator[tuple[_Chunk, int, _Planner]]:
-        """Planned chunks of this worker with the position that follows each; blocks of the next
-        ``prefetch_samples`` samples are being fetched meanwhile."""
+    def _filled(self, state: MixState, worker: Worker | tuple[int, int, int]) -> Iterator[_Filled]:
+        """This worker's chunks from ``state`` (checked), planned (the blocks of the next
+        ``prefetch_samples`` samples are being fetched meanwhile) and filled: the one path under
+        :meth:`samples` and :meth:`batches`. A chunk's tokens/positions are rows of one array,
+        reused only once nothing refers to it (so the consumer drops each :class:`_Filled`
+        before it asks for the next)."""
+        worker = Worker(*worker)
+        worker = worker._replace(batch=worker.batch or self.local_batch)
+        state = self.check_state(state, worker)
+        wstate = worker if worker.n_workers > 1 else None
         planner = _Planner(self, state, worker)
         ahead: deque[_Chunk] = deque()
         planned = 0
         depth = max(1, self.cache.prefetch_samples)
+        spares: list[np.ndarray] = []  # chunk buffers already handed out, reused once dropped
+        length = self.seq_len + 1
         while True:
             while len(ahead) < 2 or planned <= depth:
                 ch = planner.next_chunk()
@@ -290,67 +226,61 @@ class MixStream:
             ch = ahead.popleft()
             planned -= len(ch.pos)
             planner.forget_before(ch.pos[0] // self.local_batch)
-            yield ch, ahead[0].pos[0], planner
+            tokens, positions = _batch_buffer(spares, (2, len(ch.pos), length))
+            shard, block, offset, consumed = self._fill_chunk(ch, tokens, positions)
+            filled = _Filled(ch, tokens, positions, shard, block, offset, consumed, ahead[0].pos[0], planner.points,
+                             wstate)
+            del tokens, positions
+            yield filled
+            del filled
 
-    def _worker(self, state: MixState, worker: tuple[int, int, int]) -> tuple[MixState, tuple[int, int, int]]:
-        state = self.check_state(state)
-        wid, nw, lb = worker
-        return state, (wid, nw, lb or self.local_batch)
-
-    def samples(self, state: MixState, worker: tuple[int, int, int] = (0, 1, 0)) -> Iterator[tuple[dict, MixState]]:
+    def samples(self, state: MixState, worker: Worker | tuple[int, int, int] = (0, 1, 0)
+                ) -> Iterator[tuple[Sample, MixState]]:
         """Yield ``(sample, state after it)`` forever, starting at ``state``. A sample's
         ``tokens``/``positions`` are rows of one array holding its loader batch (filled at once,
-        as in :meth:`batches`); that array is reused only once no sample of it is referenced."""
-        state, worker = self._worker(state, worker)
-        wstate = worker if worker[1] > 1 else None
+        as in :meth:`batches`); that array is reused only once no sample of it is referenced.
+        ``worker``: this loader worker's share (a ``batch`` of 0: the local batch)."""
         b, fp, ws = self.local_batch, self.fingerprint, self.world_size
-        length = self.seq_len + 1
-        spares: list[np.ndarray] = []  # chunk buffers already handed out, reused once dropped
         stats = self.stats
-        for ch, after, planner in self._chunks(state, worker):
-            points = planner.points
+        for f in self._filled(state, worker):
+            ch, points, wstate, consumed = f.chunk, f.points, f.worker, f.consumed
+            tokens, positions = f.tokens, f.positions
+            shard, block, offset = f.shard.tolist(), f.block.tolist(), f.offset.tolist()
             n = len(ch.pos)
-            tokens, positions = _batch_buffer(spares, (2, n, length))
-            shard, block, offset, consumed = self._fill_chunk(ch, tokens, positions)
-            shard, block, offset = shard.tolist(), block.tolist(), offset.tolist()
             for i in range(n):
                 src = ch.src[i]
                 stats.samples += 1
                 stats.samples_per_source[src] += 1
                 stats.bytes_consumed += consumed[i]
-                sample = {"tokens": tokens[i], "positions": positions[i], "source": src, "sample": ch.gidx[i],
-                          "index": ch.idx[i], "epoch": ch.epoch[i], "shard": shard[i], "block": block[i],
-                          "offset": offset[i]}
-                nxt = ch.pos[i + 1] if i + 1 < n else after
+                sample = make_sample(tokens[i], positions[i], src, ch.gidx[i], ch.idx[i], ch.epoch[i], shard[i],
+                                     block[i], offset[i])
+                nxt = ch.pos[i + 1] if i + 1 < n else f.after
                 yield sample, MixState(fp, ws, points[nxt // b], nxt, wstate)
                 del sample
-            del tokens, positions
+            del f, tokens, positions
 
-    def batches(self, state: MixState, worker: tuple[int, int, int] = (0, 1, 0)) -> Iterator[tuple[dict[str, np.ndarray], MixState]]:
+    def batches(self, state: MixState, worker: Worker | tuple[int, int, int] = (0, 1, 0)
+                ) -> Iterator[tuple[dict[str, np.ndarray], MixState]]:
         """The fast path: yield ``(batch, state after it)`` forever, a batch being the worker's
         next ``lb`` samples (``lb`` = loader batch, default the local batch) collated: the same
         keys as a sample, each an array with a leading batch dimension (``tokens`` and
         ``positions`` int64 ``[lb, seq_len + 1]``). Same samples and states as :meth:`samples`.
         The tokens/positions buffer of a batch is reused only once nothing refers to it."""
-        state, worker = self._worker(state, worker)
-        wstate = worker if worker[1] > 1 else None
         b, fp, ws = self.local_batch, self.fingerprint, self.world_size
-        length = self.seq_len + 1
-        spares: list[np.ndarray] = []  # batch buffers already handed out, reused once dropped
         stats = self.stats
-        for ch, after, planner in self._chunks(state, worker):
-            n = len(ch.pos)
-            tokens, positions = _batch_buffer(spares, (2, n, length))
-            shard, block, offset, consumed = self._fill_chunk(ch, tokens, positions)
+        for f in self._filled(state, worker):
+            ch = f.chunk
             for src in ch.src:
                 stats.samples_per_source[src] += 1
-            stats.bytes_consumed += sum(consumed)
-            stats.samples += n
-            batch = {"tokens": tokens, "positions": positions, "source": np.asarray(ch.src, dtype=np.int64),
+            stats.bytes_consumed += sum(f.consumed)
+            stats.samples += len(ch.pos)
+            batch = {"tokens": f.tokens, "positions": f.positions, "source": np.asarray(ch.src, dtype=np.int64),
                      "sample": np.asarray(ch.gidx, dtype=np.int64), "index": np.asarray(ch.idx, dtype=np.int64),
-                     "epoch": np.asarray(ch.epoch, dtype=np.int64), "shard": shard, "block": block, "offset": offset}
-            del tokens, positions
-            yield batch, MixState(fp, ws, planner.points[after // b], after, wstate)
+                     "epoch": np.asarray(ch.epoch, dtype=np.int64), "shard": f.shard, "block": f.block,
+                     "offset": f.offset}
+            after = MixState(fp, ws, f.points[f.after // b], f.after, f.worker)
+            del f
+            yield batch, after
             del batch
 
     def _fill_chunk(self, ch: _Chunk, tokens: np.ndarray, positions: np.ndarray
@@ -437,7 +367,7 @@ class MixStream:
         return self.refs[src][pieces[0][0]], consumed
 
     # ---- held-out split ------------------------------------------------------------------
-    def validation_samples(self, src: int, count: int) -> list[dict[str, Any]]:
+    def validation_samples(self, src: int, count: int) -> list[Sample]:
         """The first ``count`` windows (``seq_len + 1`` tokens, stride ``seq_len``) of source
         ``src``'s held-out split, the same in every run that holds out the same split (fewer if
         the split is shorter; none without a split)."""
@@ -464,9 +394,8 @@ class MixStream:
             k = max(j for j, o in enumerate(origin) if o[0] <= a)
             _, block, start = origin[k]
             ref = self.refs[src][block]
-            out.append({"tokens": tokens[a:a + self.seq_len + 1], "positions": positions[a:a + self.seq_len + 1],
-                        "source": src, "sample": -1, "index": i, "epoch": 0, "shard": ref.shard,
-                        "block": ref.block, "offset": start + a - origin[k][0]})
+            out.append(make_sample(tokens[a:a + self.seq_len + 1], positions[a:a + self.seq_len + 1], src, -1, i, 0,
+                                   ref.shard, ref.block, start + a - origin[k][0]))
         return out
 
     def epochs(self, counts: tuple[int, ...] | list[int]) -> list[float]:

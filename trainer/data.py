@@ -4,7 +4,7 @@ A data source is an ``IterableDataset`` for one DP rank yielding ``tokens``/``po
 (``seq_len + 1``) and ``source``, with a tiny global ``state_dict()`` (see
 ``trainer/synthetic_data.py`` and docs/mixer.md). :func:`build_source` is the single place the
 mixer is plugged in (``data.kind = "mixer"``): in-process ``moe_cpt.mixer.dataset.MixedDataset``, or the
-mixer service client ``moe_cpt.mixer.client.ServiceMixedDataset`` when ``data.service_url`` is set.
+mixer service client ``moe_cpt.mixer.service.client.ServiceMixedDataset`` when ``data.service_url`` is set.
 
 The loader keeps no prefetch of its own, so the source's state after a step is exactly "the
 next global step", identical on every rank: checkpoints resume on any DP size dividing the
@@ -66,11 +66,11 @@ def _mixer_source(cfg: CptDataLoader.Config, rank: int, world_size: int) -> Any:
                 raise ConfigError(f"data.service_token_env: environment variable "
                                   f"{cfg.service_token_env} is not set")
         try:
-            from moe_cpt.mixer.client import ServiceMixedDataset
+            from moe_cpt.mixer.service.client import ServiceMixedDataset
         except ImportError as exc:
             raise ConfigError(
                 f"data.service_url is set but the mixer service client is not available "
-                f"(import moe_cpt.mixer.client.ServiceMixedDataset failed: {exc})"
+                f"(import moe_cpt.mixer.service.client.ServiceMixedDataset failed: {exc})"
             ) from exc
         return ServiceMixedDataset(cfg.service_url, rank=rank, world_size=world_size,
                                    token=token, spec=spec or None)
@@ -143,7 +143,7 @@ class CptDataLoader(BaseDataLoader):
         seed: int = 0
         vocab_size: int = 256
         weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
-        service_url: str = ""  # mixer service (moe_cpt.mixer.client.ServiceMixedDataset)
+        service_url: str = ""  # mixer service (moe_cpt.mixer.service.client.ServiceMixedDataset)
         service_token_env: str = ""  # env variable holding the service's bearer token
         resolved_blend: dict = field(default_factory=dict)  # set on resume from run.json
         global_batch_size: int = -1  # set by the trainer from training.global_batch_size

@@ -11,6 +11,7 @@ import pytest
 from moe_cpt.errors import IntegrityError
 from moe_cpt.mixer.blocks import BlockLoader, CacheConfig, DiskCache
 from moe_cpt.mixer.dataset import MixedDataset
+from moe_cpt.mixer.schedule import Knot, MixPoint, WeightSchedule, plan_step
 from moe_cpt.store.reader import open_dataset
 from moe_cpt.store.shard_format import decode_block, decode_block_into
 from tests.support.mixer_store import publish, spec
@@ -127,8 +128,6 @@ def test_a_batch_held_by_the_consumer_is_never_overwritten(store: str, tmp_path:
 
 
 def test_memoized_step_plans_equal_plain_ones() -> None:
-    from moe_cpt.mixer.schedule import Knot, MixPoint, WeightSchedule, plan_step
-
     sched = WeightSchedule([Knot(0, (0.7, 0.2, 0.1)), Knot(40, (0.2, 0.3, 0.5)), Knot(90, (0.5, 0.25, 0.25))],
                            ["a", "b", "c"])
     memo: dict = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,14 @@ from moe_cpt.errors import ConfigError
 from moe_cpt.fs import dumps_canonical
 from moe_cpt.hashing import sha256_hex
 from moe_cpt.mixer.blocks import CacheConfig
-from moe_cpt.mixer.client import ClientConfig, ServiceMixedDataset
 from moe_cpt.mixer.dataset import MixedDataset, open_blend
 from moe_cpt.mixer.replay import SeenPacking
 from moe_cpt.mixer.schedule import MixPoint, advance, expected_counts
-from moe_cpt.mixer.service import MixService, ServiceConfig
+from moe_cpt.mixer.service.client import ClientConfig, ServiceMixedDataset
+from moe_cpt.mixer.service.server import MixService, ServiceConfig
 from moe_cpt.mixer.spec import ALGORITHM, blend_from_json, resolve
-from moe_cpt.mixer.stream import MixState, MixStream
+from moe_cpt.mixer.state import MixState
+from moe_cpt.mixer.stream import MixStream
 from tests.support.mixer_store import spec
 
 PARENT_W = {"replay": 0.6, "code": 0.4}
@@ -272,8 +274,6 @@ def test_batches_equal_samples(mix_store: str, parent: Parent) -> None:
 
 def test_dataset_from_the_recorded_blend_needs_no_parent(mix_store: str, parent: Parent, tmp_path: Path) -> None:
     """A resumed run rebuilds from the recorded resolved blend: the parent's run.json is not read."""
-    import shutil
-
     moved = shutil.copytree(parent.dir, tmp_path / "p")
     blend, _ = resolve(cpt_spec(mix_store, moved))
     recorded = json.loads(json.dumps(MixedDataset(blend).describe()))

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 
 import moe_cpt.mixer.blocks as blocks
-import moe_cpt.mixer.client as client
+import moe_cpt.mixer.service.client as client
 from moe_cpt.errors import CptError
 from moe_cpt.fs import open_fs, s3_retry_options
-from moe_cpt.mixer.client import ClientConfig
+from moe_cpt.mixer.service.client import ClientConfig
 
 
 def test_s3_filesystems_leave_retrying_to_the_caller() -> None:

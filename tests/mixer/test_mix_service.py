@@ -21,10 +21,12 @@ from hypothesis import strategies as st
 
 from moe_cpt.errors import ConfigError, CptError
 from moe_cpt.mixer.blocks import CacheConfig
-from moe_cpt.mixer.client import ClientConfig, ServiceMixedDataset
 from moe_cpt.mixer.dataset import MixedDataset, open_blend
-from moe_cpt.mixer.service import MixService, ServiceConfig
-from moe_cpt.mixer.stream import MixState, MixStream
+from moe_cpt.mixer.service import wire
+from moe_cpt.mixer.service.client import ClientConfig, ServiceMixedDataset
+from moe_cpt.mixer.service.server import MixService, ServiceConfig
+from moe_cpt.mixer.state import MixState
+from moe_cpt.mixer.stream import MixStream
 from moe_cpt.provenance.catalog import RunCatalog
 from tests.support.mixer_store import TcpProxy, publish, spec
 
@@ -427,8 +429,6 @@ def test_kill_9_restart_token_and_server_gone_for_good(blend_dss, tmp_path: Path
 
 def test_wire_positions_round_trip_compact_or_full() -> None:
     """The compact positions (first + document starts) are exact; anything else goes in full."""
-    from moe_cpt.mixer import wire
-
     class Src:
         def __init__(self, data: bytes):
             self.data = data

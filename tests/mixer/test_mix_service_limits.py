@@ -24,7 +24,7 @@ import pytest
 
 from moe_cpt.mixer.blocks import CacheConfig
 from moe_cpt.mixer.dataset import open_blend
-from moe_cpt.mixer.service import MixService, ServiceConfig
+from moe_cpt.mixer.service.server import MixService, ServiceConfig
 from tests.support.mixer_store import spec
 
 SLOW = 150

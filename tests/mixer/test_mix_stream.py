@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from moe_cpt.errors import ConfigError
 from moe_cpt.mixer.blocks import CacheConfig
 from moe_cpt.mixer.dataset import MixedDataset, open_blend
-from moe_cpt.mixer.stream import MixState, MixStream
+from moe_cpt.mixer.state import MixState, Worker
+from moe_cpt.mixer.stream import MixStream
 from moe_cpt.store import open_dataset
 from tests.support.mixer_store import spec
 
@@ -162,6 +163,29 @@ def test_state_of_another_blend_is_refused(mix_store: str) -> None:
     _, state = take(stream(mix_store, W3), 3)
     with pytest.raises(ConfigError, match="belongs to blend"):
         take(stream(mix_store, {"new": 0.5, "code": 0.5}), 1, state)
+
+
+def test_malformed_or_inconsistent_states_are_one_config_error_in_process(mix_store: str) -> None:
+    """The state check the service answers 400/409 with (tests/mixer/test_mix_service.py) is the
+    one the in-process stream and dataset use: a ConfigError line, never a traceback."""
+    ms = stream(mix_store, W3, 0, 2)
+    _, state = take(ms, 30)
+    good = state.to_dict()
+    for bad, match in ((good | {"counts": [1, 2, 3]}, "inconsistent mixer state"),
+                       (good | {"step": -1}, "inconsistent mixer state"),
+                       (good | {"next": 10**15}, "not in step"),
+                       (good | {"world_size": 0}, "invalid world size"),
+                       (good | {"worker": [1, 2]}, "malformed mixer state worker"),
+                       ({"mixer_state": 1}, "malformed mixer state"),
+                       (good | {"counts": ["x", 1, 2]}, "malformed mixer state")):
+        with pytest.raises(ConfigError, match=match):
+            take(stream(mix_store, W3, 0, 2), 1, MixState.from_dict(bad))
+    with pytest.raises(ConfigError, match="malformed mixer state"):
+        MixedDataset(spec(mix_store, W3)).load_state_dict({"mixer_state": 1, "blend": "x"})
+    # a worker state continues with Worker fields or a plain tuple alike
+    w_state = take(stream(mix_store, W3, 0, 2), 7, None, (1, 2, 4))[1]
+    assert w_state.worker == Worker(1, 2, 4) and w_state.worker.n_workers == 2
+    assert MixState.from_dict(json.loads(json.dumps(w_state.to_dict()))) == w_state
 
 
 def test_world_size_must_divide_global_batch(mix_store: str) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 from tokenizers import Tokenizer, models
 
@@ -74,9 +77,6 @@ class TcpProxy:
         self.proc = None
 
     def start(self) -> TcpProxy:
-        import subprocess
-        import sys
-
         self.proc = subprocess.Popen([sys.executable, "-c", _PROXY, str(self.port), str(self.target_port)],
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert self.proc.stdout.readline().strip() == b"ready"
@@ -91,6 +91,7 @@ class TcpProxy:
 def consume_rank(spec_: dict, rank: int, world: int, cache_dir: str, samples: int) -> dict:
     """One data-parallel rank in its own process (multiprocessing spawn target): consume
     ``samples`` samples through a disk cache at ``cache_dir``; what it used and fetched."""
+    # here, not at the top: mixer.dataset imports torch, and tests/provenance and tests/study use these helpers
     from moe_cpt.mixer.blocks import CacheConfig
     from moe_cpt.mixer.dataset import open_blend
     from moe_cpt.mixer.stream import MixStream

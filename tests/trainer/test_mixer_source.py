@@ -102,7 +102,7 @@ def test_service_url_needs_the_client_and_the_token(monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("CPT_TEST_NO_SUCH_TOKEN", raising=False)
     with pytest.raises(ConfigError, match="CPT_TEST_NO_SUCH_TOKEN is not set"):
         build_source(cfg, seq_len=64, global_batch_size=4, rank=0, world_size=1)
-    monkeypatch.setitem(sys.modules, "moe_cpt.mixer.client", None)  # import fails
+    monkeypatch.setitem(sys.modules, "moe_cpt.mixer.service.client", None)  # import fails
     monkeypatch.setenv("CPT_TEST_NO_SUCH_TOKEN", "secret")
     with pytest.raises(ConfigError, match="mixer service client is not available"):
         build_source(cfg, seq_len=64, global_batch_size=4, rank=0, world_size=1)
@@ -185,7 +185,7 @@ def test_service_source_streams_what_the_in_process_mixer_does(
         store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from moe_cpt.mixer.blocks import CacheConfig
     from moe_cpt.mixer.dataset import open_blend
-    from moe_cpt.mixer.service import MixService, ServiceConfig
+    from moe_cpt.mixer.service.server import MixService, ServiceConfig
 
     blend = write_blend(tmp_path / "b.yaml", store, {"lang_a": 0.5, "lang_b": 0.5})
     other = write_blend(tmp_path / "other.yaml", store, {"lang_a": 0.5, "lang_b": 0.5}, seed=9)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from moe_cpt.errors import CptError
+from moe_cpt.mixer.sample import Sample, make_sample
 
 WIRE_VERSION = 1  # of the service protocol (GET /v1/blend says which one a server speaks)
 TOKEN_ENV = "CPT_MIX_TOKEN"  # the shared bearer token, for server and clients
@@ -79,7 +80,7 @@ def rebuild_positions(n: int, p0: int, starts: np.ndarray) -> np.ndarray:
     return pos
 
 
-def append_sample(buf: bytearray, sample: dict[str, Any], next_pos: int, u16: bool) -> None:
+def append_sample(buf: bytearray, sample: Sample, next_pos: int, u16: bool) -> None:
     """Append one sample (``tokens``/``positions`` int64 arrays and provenance) as a frame to
     ``buf``. ``u16``: the source's tokens are stored as uint16 (so they fit)."""
     tokens: np.ndarray = sample["tokens"]
@@ -101,7 +102,7 @@ def append_sample(buf: bytearray, sample: dict[str, Any], next_pos: int, u16: bo
     buf += memoryview((breaks + 1).astype(np.uint32) if compact else positions.astype(np.int32))
 
 
-def sample_frame(sample: dict[str, Any], next_pos: int, u16: bool) -> bytes:
+def sample_frame(sample: Sample, next_pos: int, u16: bool) -> bytes:
     """One sample as a frame (see :func:`append_sample`)."""
     buf = bytearray()
     append_sample(buf, sample, next_pos, u16)
@@ -162,9 +163,7 @@ class FrameReader:
             else:
                 starts = np.frombuffer(self._need(4 * n_starts), dtype=np.uint32)
                 positions = rebuild_positions(n, p0, starts)
-            sample = {"tokens": tokens, "positions": positions, "source": src, "sample": gidx,
-                      "index": index, "epoch": epoch, "shard": shard, "block": block, "offset": offset}
-            return "S", (sample, nxt)
+            return "S", (make_sample(tokens, positions, src, gidx, index, epoch, shard, block, offset), nxt)
         if kind == b"P":
             vals = struct.unpack(f"<q{k}q{k}q", self._need(8 * (1 + 2 * k)))
             return "P", (vals[0], tuple(vals[1: 1 + k]), tuple(vals[1 + k:]))

@@ -1,10 +1,11 @@
-"""``cpt mix serve``: the mixer as an HTTP service that trainer ranks stream their samples from.
+"""``cpt mix serve``: the mixer as an HTTP service that trainer ranks stream their samples from
+(HTTP plumbing and the serve loop; requests: protocol.py, frames: wire.py, metrics: metrics.py).
 
 The service holds one resolved blend and one :class:`~moe_cpt.mixer.blocks.BlockLoader` (disk + memory
 cache, read-ahead) shared by all clients. It keeps no per-client state: every ``POST /v1/samples``
 carries the client's :class:`~moe_cpt.mixer.stream.MixState`, and since the stream is a pure function of
 (blend, rank, world size, state), any replica serving the same blend continues any client
-exactly. Endpoints, wire format, security and metrics: docs/service.md; frames: mixer/wire.py.
+exactly. Endpoints, wire format, security and metrics: docs/service.md.
 """
 
 from __future__ import annotations
@@ -12,31 +13,38 @@ from __future__ import annotations
 import hmac
 import io
 import ipaddress
-import json
 import logging
 import socket
 import threading
 import time
-from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from moe_cpt.errors import ConfigError, CptError
-from moe_cpt.mixer import wire
 from moe_cpt.mixer.blocks import BlockLoader, CacheConfig
+from moe_cpt.mixer.sample import Sample
+from moe_cpt.mixer.service import wire
+from moe_cpt.mixer.service.metrics import ServiceMetrics
+from moe_cpt.mixer.service.protocol import (
+    CONTENT_TYPE,
+    ENDPOINTS,
+    HttpError,
+    SamplesRequest,
+    blend_info,
+    parse_samples_request,
+    parse_uint,
+    parse_validation_query,
+)
+from moe_cpt.mixer.service.record import ServeRecord
 from moe_cpt.mixer.spec import ResolvedBlend
-from moe_cpt.mixer.stream import MixState, MixStream
+from moe_cpt.mixer.state import MixState
+from moe_cpt.mixer.stream import MixStream
 from moe_cpt.store.reader import DatasetVersion
 
 log = logging.getLogger(__name__)
-
-CONTENT_TYPE = "application/x-cpt-mix"
-ENDPOINTS = ("/healthz", "/metrics", "/v1/blend", "/v1/samples", "/v1/validation")
-REQUEST_KEYS = {"fingerprint", "rank", "world_size", "state", "worker", "max_samples", "sources"}
-MAX_VALIDATION_TOKENS = 64 << 20  # per request
-MAX_REPLAN_STEPS = 256  # how far a state's `next` may lie beyond its `step` (beyond worker dealing)
 
 
 @dataclass(frozen=True)
@@ -67,83 +75,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class HttpError(Exception):
-    """An error reply: status code and a short text body."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _label(value: str) -> str:
-    """A Prometheus label value, escaped."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-class ServiceMetrics:
-    """Counters behind ``GET /metrics`` (Prometheus text format)."""
-
-    def __init__(self, names: list[str]):
-        self.names = names
-        self.lock = threading.Lock()
-        self.samples = [0] * len(names)
-        self.tokens = [0] * len(names)
-        self.bytes_sent = 0
-        self.active = 0
-        self.streams = 0
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.started = time.time()
-
-    def add_samples(self, per_source: list[int], tokens_per_sample: int, nbytes: int) -> None:
-        with self.lock:
-            for i, c in enumerate(per_source):
-                self.samples[i] += c
-                self.tokens[i] += c * tokens_per_sample
-            self.bytes_sent += nbytes
-
-    def request(self, endpoint: str, status: int) -> None:
-        with self.lock:
-            self.requests[(endpoint if endpoint in ENDPOINTS else "other", status)] += 1
-
-    def render(self, fingerprint: str, io: dict[str, int]) -> str:
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, help_: str, rows: list[tuple[str, float]]) -> None:
-            lines.append(f"# HELP {name} {help_}")
-            lines.append(f"# TYPE {name} {kind}")
-            lines.extend(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}"
-                         for labels, value in rows)
-
-        with self.lock:
-            src = [f'{{source="{_label(n)}"}}' for n in self.names]
-            metric("mixer_blend_info", "gauge", "The served blend.", [(f'{{fingerprint="{fingerprint}"}}', 1)])
-            metric("mixer_samples_served_total", "counter", "Samples sent to clients.", [("", sum(self.samples))])
-            metric("mixer_tokens_served_total", "counter", "Training tokens sent (seq_len per sample).",
-                   [("", sum(self.tokens))])
-            metric("mixer_source_samples_served_total", "counter", "Samples sent, per source.",
-                   list(zip(src, self.samples, strict=True)))
-            metric("mixer_source_tokens_served_total", "counter", "Training tokens sent, per source.",
-                   list(zip(src, self.tokens, strict=True)))
-            metric("mixer_bytes_sent_total", "counter", "Sample stream bytes sent.", [("", self.bytes_sent)])
-            metric("mixer_active_clients", "gauge", "Sample streams open now.", [("", self.active)])
-            metric("mixer_client_streams_total", "counter", "Sample streams opened.", [("", self.streams)])
-            metric("mixer_requests_total", "counter", "HTTP requests by endpoint and status.",
-                   [(f'{{endpoint="{e}",code="{c}"}}', v) for (e, c), v in sorted(self.requests.items())])
-            up = time.time() - self.started
-        mem, disk, fetched = io.get("blocks_memory_hits", 0), io.get("blocks_disk_hits", 0), io.get("blocks_fetched", 0)
-        metric("mixer_cache_blocks_total", "counter", "Block lookups by where the block came from.",
-               [('{result="memory_hit"}', mem), ('{result="disk_hit"}', disk), ('{result="fetched"}', fetched)])
-        lookups = mem + disk + fetched
-        metric("mixer_cache_hit_ratio", "gauge", "Block lookups served from memory or disk cache.",
-               [("", float((mem + disk) / lookups) if lookups else 0.0)])
-        metric("mixer_store_bytes_fetched_total", "counter", "Bytes read from the object store.",
-               [("", io.get("bytes_fetched", 0))])
-        metric("mixer_store_retries_total", "counter", "Retried store reads.", [("", io.get("retries", 0))])
-        metric("mixer_uptime_seconds", "gauge", "Seconds since the service started.", [("", float(round(up, 3)))])
-        return "\n".join(lines) + "\n"
-
-
 class MixService:
     """The HTTP service for one resolved blend: ``start()`` serves in a background thread,
     ``close()`` stops it (open streams end without an end frame; clients reconnect elsewhere)."""
@@ -166,11 +97,8 @@ class MixService:
         self.u16 = [ds.dtype.itemsize == 2 for ds in datasets]
         self.metrics = ServiceMetrics(self.names)
         self.stopping = threading.Event()
-        self.blend_json = json.dumps({
-            "wire": wire.WIRE_VERSION, "fingerprint": blend.fingerprint, "blend": blend.to_json(),
-            "windows_per_epoch": [pk.windows_per_epoch for pk in self.probe.packings],
-            "token_bits": [16 if u else 32 for u in self.u16],
-        }).encode()
+        self.blend_json = blend_info(blend, self.fingerprint, [pk.windows_per_epoch for pk in self.probe.packings],
+                                     self.u16)
         handler = type("MixHandler", (_Handler,), {"service": self, "timeout": self.config.request_timeout_s})
         limit = self.config.max_connections or self.config.max_clients + 64
         try:
@@ -214,117 +142,9 @@ class MixService:
             return True
         return hmac.compare_digest((header or "").encode(), f"Bearer {self.config.token}".encode())
 
-    def parse_samples_request(self, body: bytes) -> tuple[int, int, MixState | None, tuple[int, int, int], int | None]:
-        try:
-            req = json.loads(body)
-        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-            raise HttpError(400, f"request body is not JSON: {str(exc)[:200]}") from exc
-        if not isinstance(req, dict):
-            raise HttpError(400, "request body must be a JSON object")
-        unknown = sorted(set(req) - REQUEST_KEYS)
-        if unknown:
-            raise HttpError(400, f"unknown request field(s): {', '.join(unknown)}")
-        fp = req.get("fingerprint")
-        if not isinstance(fp, str):
-            raise HttpError(400, "request needs the blend 'fingerprint' (GET /v1/blend)")
-        if fp != self.fingerprint:
-            raise HttpError(409, f"this server serves blend {self.fingerprint}, not {fp[:64]}")
-        sources = req.get("sources")
-        if sources is not None:
-            if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
-                raise HttpError(400, "'sources' must be a list of source names")
-            missing = [s for s in sources if s not in self.names]
-            if missing:
-                raise HttpError(404, f"source(s) not in the served blend: {', '.join(s[:64] for s in missing[:8])}")
-            if sources != self.names:
-                raise HttpError(409, f"served blend has sources {self.names}, not {sources}")
-        rank, world = _int_field(req, "rank", 0), _int_field(req, "world_size", 1)
-        g = self.blend.spec.global_batch_size
-        if world < 1 or world > g or not 0 <= rank < world or g % world:
-            raise HttpError(400, f"invalid rank {rank} of world size {world} (global batch {g})")
-        b = g // world
-        worker_raw = req.get("worker")
-        if worker_raw is None:
-            worker = (0, 1, b)
-        else:
-            if (not isinstance(worker_raw, list) or len(worker_raw) != 3
-                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in worker_raw)):
-                raise HttpError(400, "'worker' must be [worker id, number of workers, loader batch size]")
-            wid, nw, lb = worker_raw
-            if not (1 <= nw <= 1024 and 0 <= wid < nw and 1 <= lb <= 1 << 20):
-                raise HttpError(400, f"invalid worker {worker_raw}")
-            worker = (wid, nw, lb)
-        max_samples = req.get("max_samples")
-        if max_samples is not None and (not isinstance(max_samples, int) or isinstance(max_samples, bool)
-                                        or max_samples < 1):
-            raise HttpError(400, "'max_samples' must be an integer >= 1")
-        state = None
-        if req.get("state") is not None:
-            state = self._parse_state(req["state"], world, worker)
-        return rank, world, state, worker, max_samples
-
-    def _parse_state(self, raw: Any, world: int, worker: tuple[int, int, int]) -> MixState:
-        try:
-            state = MixState.from_dict(raw)
-        except CptError as exc:
-            raise HttpError(400, str(exc)[:300]) from exc
-        except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            raise HttpError(400, f"malformed mixer state: {type(exc).__name__}: {str(exc)[:200]}") from exc
-        if state.blend != self.fingerprint:
-            raise HttpError(409, f"mixer state belongs to blend {str(state.blend)[:64]}, this server serves "
-                                 f"{self.fingerprint}")
-        g = self.blend.spec.global_batch_size
-        p = state.point
-        k = len(self.names)
-        if len(p.counts) != k or len(p.deficit) != k:
-            raise HttpError(400, f"mixer state has {len(p.counts)} sources, the blend {k}")
-        if state.world_size < 1 or g % state.world_size:
-            raise HttpError(400, f"mixer state has an invalid world size {state.world_size}")
-        if p.step < 0 or state.next < 0 or min(p.counts) < 0 or sum(p.counts) != p.step * g \
-                or max(abs(d) for d in p.deficit) >= 1 << 62 or p.step >= 1 << 40:
-            raise HttpError(400, "inconsistent mixer state (counts must sum to step x global batch)")
-        if state.worker is not None and (len(state.worker) != 3 or not all(isinstance(x, int) for x in state.worker)):
-            raise HttpError(400, "malformed mixer state worker")
-        try:
-            state = state.rescaled(world, g)
-        except ConfigError as exc:
-            raise HttpError(400, str(exc)) from exc
-        b = g // world
-        _wid, nw, lb = worker
-        gap = (state.next + nw * lb) // b - p.step
-        if state.next < p.step * b or gap > MAX_REPLAN_STEPS + (nw * lb) // b:
-            raise HttpError(400, f"inconsistent mixer state: position {state.next} is not in step {p.step}")
-        return state
-
-    def validation_args(self, query: str) -> tuple[int, int]:
-        q = parse_qs(query, keep_blank_values=True)
-        src_raw = (q.get("source") or [""])[0]
-        count_raw = (q.get("count") or [""])[0]
-        index = _uint(src_raw)
-        if src_raw in self.names:
-            src = self.names.index(src_raw)
-        elif index is not None and index < len(self.names):
-            src = index
-        else:
-            raise HttpError(404, f"source {src_raw[:64]!r} is not in the served blend {self.names}")
-        count = _uint(count_raw)
-        if count is None or not 1 <= count <= self.config.max_validation_windows \
-                or count * (self.blend.spec.seq_len + 1) > MAX_VALIDATION_TOKENS:
-            raise HttpError(400, f"count must be an integer in 1..{self.config.max_validation_windows} "
-                                 f"(and at most {MAX_VALIDATION_TOKENS} tokens)")
-        return src, count
-
-
-def _uint(text: str) -> int | None:
-    """A short string of ASCII digits as an int, else None (no unicode digits, no 5000-digit ints)."""
-    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
-
-
-def _int_field(req: dict[str, Any], key: str, default: int) -> int:
-    v = req.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or abs(v) > 1 << 31:
-        raise HttpError(400, f"'{key}' must be an integer")
-    return v
+    def tokens_served(self) -> list[int]:
+        """Training tokens sent so far, per source (for the run record)."""
+        return self.metrics.tokens_served()
 
 
 _BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -524,7 +344,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif url.path == "/v1/blend":
             self._reply(200, svc.blend_json, "application/json")
         elif url.path == "/v1/validation":
-            src, count = svc.validation_args(url.query)
+            src, count = parse_validation_query(url.query, svc.names, svc.blend.spec.seq_len,
+                                                svc.config.max_validation_windows)
             samples = svc.probe.validation_samples(src, count)
             out = [wire.stream_header(svc.fingerprint, svc.blend.spec.seq_len, len(svc.names))]
             out += [wire.sample_frame(s, 0, svc.u16[src]) for s in samples]
@@ -541,7 +362,7 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.headers.get("Content-Length")
         if raw is None:
             raise HttpError(411, "Content-Length required")
-        n = _uint(raw.strip())
+        n = parse_uint(raw.strip())
         if n is None:
             raise HttpError(400, "bad Content-Length")
         if n > self.service.config.max_body_bytes:
@@ -559,24 +380,20 @@ class _Handler(BaseHTTPRequestHandler):
             raise HttpError(404 if path not in ENDPOINTS else 405, f"no POST endpoint {path[:100]}")
         body = self._read_body()
         self._request_read()
-        rank, world, state, worker, max_samples = svc.parse_samples_request(body)
-        with svc.metrics.lock:
-            if svc.metrics.active >= svc.config.max_clients:
-                raise HttpError(503, f"too many clients ({svc.config.max_clients}); retry later")
-            svc.metrics.active += 1
-            svc.metrics.streams += 1
+        req = parse_samples_request(body, svc.blend, svc.fingerprint)
+        if not svc.metrics.open_stream(svc.config.max_clients):
+            raise HttpError(503, f"too many clients ({svc.config.max_clients}); retry later")
         try:
-            self._stream(rank, world, state, worker, max_samples)
+            self._stream(req)
         finally:
-            with svc.metrics.lock:
-                svc.metrics.active -= 1
+            svc.metrics.close_stream()
 
-    def _stream(self, rank: int, world: int, state: MixState | None, worker: tuple[int, int, int],
-                max_samples: int | None) -> None:
+    def _stream(self, req: SamplesRequest) -> None:
         svc = self.service
         cfg = svc.config
+        rank, world = req.rank, req.world_size
         ms = MixStream(svc.blend, svc.datasets, rank, world, svc.cache, loader=svc.loader)
-        gen = ms.samples(state or ms.initial_state(), worker)
+        gen = ms.samples(req.state or ms.initial_state(), req.worker)
         try:
             try:  # the first sample before the 200: a bad state is still a 4xx
                 first = next(gen)
@@ -599,7 +416,7 @@ class _Handler(BaseHTTPRequestHandler):
             t0 = time.monotonic()
             sent = 0
             try:
-                sent = self._send_frames(first, gen, max_samples)
+                sent = self._send_frames(first, gen, req.max_samples)
             finally:
                 log.info("stream for rank %d/%d to %s ended after %.1fs%s", rank, world, self.address_string(),
                          time.monotonic() - t0, f", {sent} samples" if sent else " (client gone)")
@@ -607,7 +424,8 @@ class _Handler(BaseHTTPRequestHandler):
             gen.close()
             ms.close()
 
-    def _send_frames(self, first: tuple[dict, MixState], gen: Any, max_samples: int | None) -> int:
+    def _send_frames(self, first: tuple[Sample, MixState], gen: Iterator[tuple[Sample, MixState]],
+                     max_samples: int | None) -> int:
         """Frames until the client goes (raises), the server stops or ``max_samples``; returns
         the number of samples sent."""
         svc = self.service
@@ -630,7 +448,7 @@ class _Handler(BaseHTTPRequestHandler):
             buf.clear()
             last_flush = time.monotonic()
 
-        item: tuple[dict, MixState] | None = first
+        item: tuple[Sample, MixState] | None = first
         try:
             while item is not None:
                 sample, st = item
@@ -659,40 +477,6 @@ class _Handler(BaseHTTPRequestHandler):
         if buf:
             flush()
         return sent
-
-
-class ServeRecord:
-    """The service's run record in the store catalog (``cpt runs``): one ``kind: mix`` run per
-    ``cpt mix serve`` session with the resolved blend and the tokens served per source, updated
-    every ``every_s`` seconds while they change and finished on shutdown. A catalog that cannot be
-    written is logged and retried at the next update; serving goes on."""
-
-    def __init__(self, service: MixService, every_s: float = 60.0):
-        self.service = service
-        self.every_s = every_s
-        self.run_id: str | None = None
-        self._last: list[int] | None = None
-        self._next = 0.0
-
-    def _tokens(self) -> list[int]:
-        with self.service.metrics.lock:
-            return list(self.service.metrics.tokens)
-
-    def update(self, status: str = "running", force: bool = False) -> None:
-        from moe_cpt.mixer.stream_record import record_mix_stream
-
-        tokens = self._tokens()
-        now = time.monotonic()
-        if not force and (now < self._next or tokens == self._last):
-            return
-        self._next = now + self.every_s
-        try:
-            self.run_id = record_mix_stream(
-                self.service.blend.to_json(), dict(zip(self.service.names, tokens, strict=True)),
-                run_id=self.run_id, status=status, extra={"service": {"url": self.service.url}})
-            self._last = tokens
-        except (CptError, OSError) as exc:
-            log.warning("mixer service: could not write its run record: %s", exc)
 
 
 def serve_forever(service: MixService, stop: threading.Event, record: ServeRecord | None = None) -> None:

@@ -1,5 +1,5 @@
 """Client of the mixer service: the same ``IterableDataset`` and state API as
-:class:`moe_cpt.mixer.dataset.MixedDataset`, with the samples streamed from ``cpt mix serve``.
+:class:`mixer.dataset.MixedDataset`, with the samples streamed from ``cpt mix serve``.
 
     ds = ServiceMixedDataset("http://mixer:8470", rank=r, world_size=w, token=..., spec=blend)
     loader = StatefulDataLoader(ds, batch_size=ds.loader_batch_size, num_workers=2)
@@ -26,15 +26,18 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import numpy as np
+import torch
 from torch.utils.data import get_worker_info
 
 from moe_cpt.errors import ConfigError, CptError
-from moe_cpt.mixer import wire
 from moe_cpt.mixer.blocks import jittered
 from moe_cpt.mixer.contract import BlendDataset
+from moe_cpt.mixer.sample import Sample
 from moe_cpt.mixer.schedule import MixPoint
+from moe_cpt.mixer.service import wire
+from moe_cpt.mixer.service.protocol import SamplesRequest
 from moe_cpt.mixer.spec import BlendSpec, ResolvedBlend, blend_from_json, load_spec_file, parse_spec
-from moe_cpt.mixer.stream import MixState, check_state
+from moe_cpt.mixer.state import MixState, Worker, check_rank, check_state
 from moe_cpt.store.object_store import parse_ref
 
 
@@ -140,10 +143,7 @@ class ServiceMixedDataset(BlendDataset):
             check_blend(spec, self.blend, self.url)
         self._windows = [int(w) for w in info["windows_per_epoch"]]
         g = self.blend.spec.global_batch_size
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ConfigError(f"invalid rank {rank} of world size {world_size}")
-        if g % world_size:
-            raise ConfigError(f"global_batch_size {g} is not divisible by the data-parallel world size {world_size}")
+        check_rank(rank, world_size, g)
         self.rank = rank
         self.world_size = world_size
         self.local_batch_size = g // world_size
@@ -177,7 +177,7 @@ class ServiceMixedDataset(BlendDataset):
             "reconnects": self._reconnects,
         }
 
-    def validation_samples(self, source: int, count: int) -> list[dict[str, Any]]:
+    def validation_samples(self, source: int, count: int) -> list[Sample]:
         """``count`` fixed windows of source ``source``'s held-out split (as MixedDataset's)."""
         if not 0 <= source < len(self.source_names):
             raise ConfigError(f"no source {source} (the blend has {len(self.source_names)})")
@@ -200,17 +200,16 @@ class ServiceMixedDataset(BlendDataset):
     # ---- iteration -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker = (info.id, info.num_workers, self.loader_batch_size) if info else (0, 1, self.loader_batch_size)
+        worker = Worker(info.id, info.num_workers, self.loader_batch_size) if info else \
+            Worker(0, 1, self.loader_batch_size)
         samples = self._sample_stream(worker)
         if not self.batched:
             return samples
         return self._batches(samples)
 
-    def _batches(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def _batches(self, samples: Iterator[Sample]) -> Iterator[dict[str, Any]]:
         """Chunks of ``loader_batch_size`` samples collated (the server sends a worker's chunk as
         consecutive samples); the state is the one after the chunk's last sample."""
-        import torch
-
         try:
             while True:
                 chunk = [next(samples) for _ in range(self.loader_batch_size)]
@@ -220,7 +219,7 @@ class ServiceMixedDataset(BlendDataset):
         finally:
             samples.close()
 
-    def _sample_stream(self, worker: tuple[int, int, int]) -> Iterator[dict[str, Any]]:
+    def _sample_stream(self, worker: Worker) -> Iterator[Sample]:
         retry = _Backoff(self.config, self.url)
         retryable = _RETRYABLE  # a local: still bound if the generator is finalized at interpreter exit
         while True:
@@ -240,7 +239,7 @@ class ServiceMixedDataset(BlendDataset):
                     if kind == "S":
                         sample, nxt = val
                         self._state = MixState(self.fingerprint, self.world_size, point, nxt,
-                                               worker if worker[1] > 1 else None)
+                                               worker if worker.n_workers > 1 else None)
                         self._received[sample["source"]] += 1
                         retry.reset()
                         yield sample
@@ -297,10 +296,9 @@ class ServiceMixedDataset(BlendDataset):
                 if conn is not None:
                     conn.close()
 
-    def _open_samples(self, worker: tuple[int, int, int]) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        body = json.dumps({"fingerprint": self.fingerprint, "rank": self.rank, "world_size": self.world_size,
-                           "state": self._state.to_dict(), "worker": list(worker),
-                           "sources": self.source_names}).encode()
+    def _open_samples(self, worker: Worker) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        body = SamplesRequest(self.fingerprint, self.rank, self.world_size, self._state, worker,
+                              sources=self.source_names).to_json()
         conn = self._connect()
         try:
             conn.request("POST", "/v1/samples", body=body,
