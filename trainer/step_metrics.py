@@ -1,11 +1,59 @@
-"""torchtitan's MetricsProcessor, keeping each logged step's values for the trainer's JSONL."""
+"""torchtitan's MetricsProcessor, keeping each logged step's values for the trainer's JSONL and
+printing one progress line per log step instead of torchtitan's.
+
+The line (rank 0's console, :func:`progress_line`)::
+
+    step 3/20  loss 5.5213  grad_norm 1.2042  tok/s 2,345  elapsed 0:00:04  ETA 0:00:23
+
+``tok/s`` is the whole job's (all ranks) training throughput over the last log window; the ETA
+is the mean step time since this segment's first logged step times the steps left. With CUDA
+the line also carries torchtitan's peak memory and MFU; on CPU both are meaningless
+(``memory: -0.00GiB``, ``mfu 0.00%``) and left out, as is torchtitan's "Error running lspci"
+warning (it looks for GPUs with ``lspci`` to pick the peak FLOPS for MFU). Every other warning
+passes.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from torchtitan.components.metrics import MetricsProcessor
+from torchtitan.tools.logging import logger
+
+from trainer.cpu_compat import cuda_present
+
+
+class _Drop(logging.Filter):
+    """Drops the records of torchtitan's ``components/metrics.py`` console line, and (without
+    CUDA) the lspci warning of ``tools/utils.py:get_peak_flops``."""
+
+    def __init__(self, *, console: bool, lspci: bool) -> None:
+        super().__init__()
+        self.console, self.lspci = console, lspci
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = record.pathname.replace("\\", "/")
+        if self.console and path.endswith("torchtitan/components/metrics.py") \
+                and record.funcName == "log" and record.levelno == logging.INFO:
+            return False
+        return not (self.lspci and record.funcName == "get_peak_flops"
+                    and str(record.msg).startswith("Error running lspci"))
+
+
+def _clock(seconds: float) -> str:
+    return str(timedelta(seconds=max(0, round(seconds))))
+
+
+def progress_line(*, step: int, total: int, loss: float, grad_norm: float, tokens_per_s: float,
+                  elapsed_s: float, eta_s: float | None, extra: str = "") -> str:
+    """The console line of one log step."""
+    eta = _clock(eta_s) if eta_s is not None else "?"
+    return (f"step {step}/{total}  loss {loss:.4f}  grad_norm {grad_norm:.4f}  "
+            f"tok/s {tokens_per_s:,.0f}  elapsed {_clock(elapsed_s)}  ETA {eta}{extra}")
 
 
 class StepMetrics(MetricsProcessor):
@@ -14,9 +62,17 @@ class StepMetrics(MetricsProcessor):
         pass
 
     def __init__(self, config: Config, **kwargs: Any) -> None:
-        super().__init__(config, **kwargs)
+        quiet = _Drop(console=False, lspci=not cuda_present())
+        logger.addFilter(quiet)
+        try:
+            super().__init__(config, **kwargs)
+        finally:
+            logger.removeFilter(quiet)
         self.last: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
+        self.total_steps = 0  # set by the trainer (training.steps)
+        self._start: tuple[int, float] | None = None  # (first logged step, its time)
+        self._created = time.perf_counter()
 
     def log(
         self,
@@ -41,10 +97,13 @@ class StepMetrics(MetricsProcessor):
 
         inner = self.logger
         self.logger = _Tap(inner)
+        quiet = _Drop(console=True, lspci=False)
+        logger.addFilter(quiet)
         try:
             super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
         finally:
             self.logger = inner
+            logger.removeFilter(quiet)
         self.last = {
             "loss": float(global_avg_loss),
             "grad_norm": float(grad_norm),
@@ -55,3 +114,27 @@ class StepMetrics(MetricsProcessor):
                if isinstance(v, (int, float))},
         }
         self.history.append({"step": step, **self.last})
+        logger.info(self._progress(step, captured))
+
+    def _progress(self, step: int, captured: dict[str, Any]) -> str:
+        now = time.perf_counter()
+        if self._start is None:
+            self._start = (step, now)
+        first, since = self._start
+        total = self.total_steps or step
+        left = max(0, total - step)
+        if step > first:
+            eta: float | None = (now - since) / (step - first) * left
+        else:
+            eta = self.last["step_time_s"] * left if self.last["step_time_s"] else None
+        extra = ""
+        if cuda_present():
+            extra = (f"  memory {captured.get('memory/max_reserved(GiB)', 0.0):.2f}GiB"
+                     f"({captured.get('memory/max_reserved(%)', 0.0):.0f}%)")
+            if "mfu(%)" in captured:
+                extra += f"  mfu {captured['mfu(%)']:.2f}%"
+        world = self.parallel_dims.world_size
+        return progress_line(step=step, total=total, loss=self.last["loss"],
+                             grad_norm=self.last["grad_norm"],
+                             tokens_per_s=self.last["tokens_per_s_per_rank"] * world,
+                             elapsed_s=now - self._created, eta_s=eta, extra=extra)

@@ -40,7 +40,9 @@ from torchtitan.trainer import Trainer
 from cpt.errors import ConfigError
 from trainer import checkpoint_trust, cpu_compat, init_guard, signals
 from trainer.attention import DocumentSDPA, document_causal_mask
+from trainer.config import EvalSection, RunSection
 from trainer.data import rebase_positions
+from trainer.data_source import DataSource
 from trainer.evaluation import (
     EvalResult,
     evaluate,
@@ -61,27 +63,6 @@ from trainer.routing_metrics import MoECounts
 from trainer.run_record import new_run_id, read_run_record, write_run_record
 
 
-@dataclass
-class RunConfig:
-    run_id: str = ""
-    name: str = ""  # a human label (e.g. study/variant), shown by `cpt runs ls`
-    phase: str = "pretrain"  # pretrain | cpt
-    parent_run_dir: str = ""  # cpt: output folder of the run to continue from
-    parent_step: int = -1  # cpt: checkpoint step of the parent (-1 = latest)
-    load_optimizer: bool = False  # cpt: also restore the parent's optimizer state
-    init_from_full: bool = True  # seeded unsharded init (guards the CPU DTensor init bug)
-    fail_at_step: int = 0  # testing: exit abruptly right after this step
-    trust_checkpoint: bool = False  # DANGEROUS: load a checkpoint its run.json does not vouch for
-
-
-@dataclass
-class EvalConfig:
-    interval: int = 0  # 0 = only at start and end
-    samples_per_source: int = 32
-    batch_size: int = 8  # windows per eval forward
-    reference_routing: str = ""  # .npz of a reference routing; default: this run's start
-
-
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
@@ -89,9 +70,9 @@ def _rank() -> int:
 class CptTrainer(Trainer):
     @dataclass(kw_only=True, slots=True)
     class Config(Trainer.Config):
-        run: RunConfig = field(default_factory=RunConfig)
-        evaluation: EvalConfig = field(default_factory=EvalConfig)
-        user_config: dict = field(default_factory=dict)  # the config as the user wrote it
+        run: RunSection = field(default_factory=RunSection)
+        evaluation: EvalSection = field(default_factory=EvalSection)
+        user_config: dict = field(default_factory=dict)  # the resolved run config, plain data
 
     config: Config
 
@@ -113,6 +94,7 @@ class CptTrainer(Trainer):
         self._preempt = signals.PreemptionRequest().install()  # SIGUSR1: checkpoint + requeue
         self._digests: dict[str, dict[str, str]] = {}
         super().__init__(config)
+        self.metrics_processor.total_steps = config.training.steps  # the progress line's N
         model = self.model_parts[0]
         if config.run.init_from_full:  # also when resuming: the checkpoint overwrites it
             init_guard.init_from_full(model, self.model_config, config.debug.seed or 0)
@@ -275,13 +257,12 @@ class CptTrainer(Trainer):
         if self._val_cache is not None:
             return self._val_cache
         self._val_cache = batches = {}
-        source = self.dataloader.source
+        source: DataSource = self.dataloader.source
         n = self.config.evaluation.samples_per_source
-        held_out = getattr(source, "validation_samples", None)
-        if held_out is None or n <= 0:  # a source without held-out batches: no val metrics
+        if n <= 0:
             return batches
         for i, name in enumerate(source.source_names):
-            samples = held_out(i, n)
+            samples = source.validation_samples(i, n)
             if len(samples) < n:
                 if _rank() == 0:
                     logger.warning(
@@ -322,7 +303,7 @@ class CptTrainer(Trainer):
             f.write(json.dumps({**record, "segment": len(self._segments) - 1}) + "\n")
 
     def _tensorboard(self, record: dict[str, Any], step: int) -> None:
-        if _rank() != 0:
+        if _rank() != 0 or not self.config.metrics.enable_tensorboard:
             return
         if self._tb is None:
             try:
