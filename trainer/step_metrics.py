@@ -8,9 +8,9 @@ The line (rank 0's console, :func:`progress_line`)::
 ``tok/s`` is the whole job's (all ranks) training throughput over the last log window; the ETA
 is the mean step time since this segment's first logged step times the steps left. With CUDA
 the line also carries torchtitan's peak memory and MFU; on CPU both are meaningless
-(``memory: -0.00GiB``, ``mfu 0.00%``) and left out, as is torchtitan's "Error running lspci"
-warning (it looks for GPUs with ``lspci`` to pick the peak FLOPS for MFU). Every other warning
-passes.
+(``memory: -0.00GiB``, ``mfu 0.00%``) and left out (the other CPU noise: :mod:`trainer.console`).
+The trainer appends its per-source losses and router balance to the same line
+(``defer_console``).
 """
 
 from __future__ import annotations
@@ -27,21 +27,13 @@ from torchtitan.tools.logging import logger
 from trainer.cpu_compat import cuda_present
 
 
-class _Drop(logging.Filter):
-    """Drops the records of torchtitan's ``components/metrics.py`` console line, and (without
-    CUDA) the lspci warning of ``tools/utils.py:get_peak_flops``."""
-
-    def __init__(self, *, console: bool, lspci: bool) -> None:
-        super().__init__()
-        self.console, self.lspci = console, lspci
+class _DropConsoleLine(logging.Filter):
+    """Drops torchtitan's own console line (``components/metrics.py``, ``log``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         path = record.pathname.replace("\\", "/")
-        if self.console and path.endswith("torchtitan/components/metrics.py") \
-                and record.funcName == "log" and record.levelno == logging.INFO:
-            return False
-        return not (self.lspci and record.funcName == "get_peak_flops"
-                    and str(record.msg).startswith("Error running lspci"))
+        return not (path.endswith("torchtitan/components/metrics.py") and record.funcName == "log"
+                    and record.levelno == logging.INFO)
 
 
 def _clock(seconds: float) -> str:
@@ -62,17 +54,14 @@ class StepMetrics(MetricsProcessor):
         pass
 
     def __init__(self, config: Config, **kwargs: Any) -> None:
-        quiet = _Drop(console=False, lspci=not cuda_present())
-        logger.addFilter(quiet)
-        try:
-            super().__init__(config, **kwargs)
-        finally:
-            logger.removeFilter(quiet)
+        super().__init__(config, **kwargs)
         self.last: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         self.total_steps = 0  # set by the trainer (training.steps)
         self._start: tuple[int, float] | None = None  # (first logged step, its time)
         self._created = time.perf_counter()
+        self.defer_console = False  # True: the trainer prints ``progress`` (with its own keys)
+        self.progress = ""  # the progress line of the last log step
 
     def log(
         self,
@@ -97,7 +86,7 @@ class StepMetrics(MetricsProcessor):
 
         inner = self.logger
         self.logger = _Tap(inner)
-        quiet = _Drop(console=True, lspci=False)
+        quiet = _DropConsoleLine()
         logger.addFilter(quiet)
         try:
             super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
@@ -114,7 +103,9 @@ class StepMetrics(MetricsProcessor):
                if isinstance(v, (int, float))},
         }
         self.history.append({"step": step, **self.last})
-        logger.info(self._progress(step, captured))
+        self.progress = self._progress(step, captured)
+        if not self.defer_console:
+            logger.info(self.progress)
 
     def _progress(self, step: int, captured: dict[str, Any]) -> str:
         now = time.perf_counter()

@@ -54,7 +54,8 @@ def to_trainer_config(cfg: CptConfig) -> CptTrainer.Config:
         checkpoint=CheckpointManager.Config(enable=cfg.checkpoint.enable,
                                             interval=cfg.checkpoint.interval,
                                             keep_latest_k=cfg.checkpoint.keep_latest_k,
-                                            last_save_model_only=False),
+                                            last_save_model_only=False,
+                                            initial_load_model_only=False),  # CPT sets both
         activation_checkpoint=None,  # default: none at these sizes (torchtitan.activation_checkpoint)
         debug=DebugConfig(seed=t.seed, deterministic=t.deterministic),
         run=cfg.run,

@@ -41,6 +41,7 @@ from cpt.errors import ConfigError
 from trainer import checkpoint_trust, cpu_compat, init_guard, signals
 from trainer.attention import DocumentSDPA, document_causal_mask
 from trainer.config import EvalSection, RunSection
+from trainer.console import quiet_cpu_noise
 from trainer.data import rebase_positions
 from trainer.data_source import DataSource
 from trainer.evaluation import (
@@ -77,6 +78,7 @@ class CptTrainer(Trainer):
     config: Config
 
     def __init__(self, config: Config) -> None:
+        quiet_cpu_noise(seeded_init=config.run.init_from_full)
         cpu_compat.apply()
         cpu_compat.adapt_config(config.training, config.parallelism)
         config.dataloader.global_batch_size = config.training.global_batch_size  # type: ignore[attr-defined]
@@ -95,6 +97,7 @@ class CptTrainer(Trainer):
         self._digests: dict[str, dict[str, str]] = {}
         super().__init__(config)
         self.metrics_processor.total_steps = config.training.steps  # the progress line's N
+        self.metrics_processor.defer_console = True  # _log_step_metrics prints the line
         model = self.model_parts[0]
         if config.run.init_from_full:  # also when resuming: the checkpoint overwrites it
             init_guard.init_from_full(model, self.model_config, config.debug.seed or 0)
@@ -460,17 +463,19 @@ class CptTrainer(Trainer):
     def _log_step_metrics(self, metrics: dict[str, float]) -> None:
         """Per-source train loss and router MRI/MaxVio of the step: TensorBoard every step,
         and at each log step a ``train`` row of ``metrics.jsonl`` and one console line."""
-        if not metrics or _rank() != 0:
+        if _rank() != 0:
             return
-        self._tensorboard(metrics, self.step)
+        if metrics:
+            self._tensorboard(metrics, self.step)
         if self.metrics_processor.should_log(self.step):
-            self._append_jsonl("metrics.jsonl", {"kind": "train", "step": self.step,
-                                                 "loss": self.metrics_processor.last.get("loss"),
-                                                 **metrics})
+            if metrics:
+                self._append_jsonl("metrics.jsonl", {"kind": "train", "step": self.step,
+                                                     "loss": self.metrics_processor.last.get("loss"),
+                                                     **metrics})
             shown = {k: v for k, v in metrics.items()
                      if k.startswith("loss/") or k == "router/mri_max"}
             text = "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
-            logger.info(f"step {self.step:2}  train {text}")
+            logger.info("  ".join(x for x in (self.metrics_processor.progress, text) if x))
 
     def _log_eval(
         self, result: EvalResult, reference: dict[str, np.ndarray] | None,
