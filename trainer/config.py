@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,11 +46,20 @@ class Section:
             raise KeyError(key)
         return getattr(self, key)
 
+    def __contains__(self, key: object) -> bool:
+        return key in _hints(type(self))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_hints(type(self)))
+
     def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key) if key in _hints(type(self)) else default
+        return getattr(self, key) if key in self else default
 
     def keys(self) -> list[str]:
-        return list(_hints(type(self)))
+        return list(self)
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(key, getattr(self, key)) for key in self]
 
     def to_dict(self) -> dict[str, Any]:
         """The section as plain data (JSON-ready)."""

@@ -34,7 +34,8 @@ def test_sections_are_typed_and_read_like_the_old_dict() -> None:
     cfg = load_config(TINY, ["model.router=sinkhorn", "optimizer.lr=1e-4"])
     assert isinstance(cfg, CptConfig) and cfg.model.router == "sinkhorn"
     assert cfg["model"]["router"] == cfg.model.router and cfg["optimizer"].get("lr") == 1e-4
-    assert cfg["schedule"].get("nope", "x") == "x"
+    assert cfg["schedule"].get("nope", "x") == "x" and "router" in cfg["model"] and "x" not in cfg
+    assert dict(cfg["optimizer"].items()) == {"lr": 1e-4, "weight_decay": 0.1}
     with pytest.raises(KeyError):
         cfg["model"]["nope"]
     plain = cfg.to_dict()
