@@ -40,8 +40,10 @@ from torchtitan.config import (
 )
 from torchtitan.distributed.activation_checkpoint import FullAC, MemoryBudgetAC, SelectiveAC
 from torchtitan.tools.profiler import Profiler
+from torchtitan.trainer import Trainer
 
 from cpt.errors import ConfigError
+from trainer import cpu_compat
 from trainer.step_metrics import StepMetrics
 
 # section -> the config class of the Trainer.Config field of that name (as the trainer builds it)
@@ -80,9 +82,20 @@ NOT_PASSED = ("model_spec", "hf_assets_path", "dump_folder", "tokenizer", "datal
 
 
 def check_sections(sections: dict[str, Any]) -> None:
-    """Validate the ``torchtitan:`` mapping by building each section with torchtitan's class."""
-    for name, values in sections.items():
-        build_section(name, values, None)
+    """Validate the ``torchtitan:`` mapping: each section built with torchtitan's class, then
+    together by ``Trainer.Config``'s own cross-section checks (e.g. memory-budget activation
+    checkpointing needs ``compile``; with the CPU values of :func:`cpu_compat.adapt_config`)."""
+    if not sections:
+        return
+    # the trainer's checkpoint base (no initial load): torchtitan's default warns about it
+    built: dict[str, Any] = {"checkpoint": CheckpointManager.Config(initial_load_model_only=False)}
+    apply_sections(built, sections)
+    cpu_compat.adapt_config(built.setdefault("training", TrainingConfig()),
+                            built.setdefault("parallelism", ParallelismConfig()))
+    try:
+        Trainer.Config(**built)
+    except ValueError as exc:
+        raise ConfigError(f"torchtitan: {str(exc).strip().splitlines()[0]}") from exc
 
 
 def build_section(name: str, values: Any, base: Any) -> Any:

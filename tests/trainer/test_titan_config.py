@@ -104,6 +104,8 @@ def test_override_and_file_merge_inside_the_pass_through(tmp_path: Path) -> None
     ("torchtitan.compile=5", "'torchtitan.compile' must be a mapping"),
     ("torchtitan=5", "'torchtitan' must be a mapping"),
     ("torchtitan.parallelism.tensor_parallel_degree=4", "leaves no data-parallel rank"),
+    ("torchtitan.activation_checkpoint.mode=memory_budget",
+     "torchtitan: Memory budget activation checkpointing requires the model to be compiled"),
 ])
 def test_pass_through_errors_are_one_line_naming_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
