@@ -333,10 +333,15 @@ def validate(cfg: CptConfig) -> None:
     if p.nproc < 1:
         raise ConfigError("parallel.nproc must be >= 1")
     check_sections(cfg.torchtitan)
+    other, replicate = titan_degrees(cfg.torchtitan)
+    if p.nproc % (other * replicate) or p.nproc < other * replicate:
+        raise ConfigError(f"parallel.nproc={p.nproc} leaves no whole data-parallel degree next to "
+                          f"the torchtitan.parallelism degrees (TP x PP x CP x DP replicate = "
+                          f"{other * replicate})")
+    if p.dp_shard != -1 and p.dp_shard * other * replicate != p.nproc:
+        raise ConfigError(f"parallel.dp_shard={p.dp_shard} x TP x PP x CP x DP replicate "
+                          f"({other * replicate}) must equal parallel.nproc={p.nproc}")
     dp = cfg.dp_degree()
-    if dp < 1:
-        raise ConfigError(f"parallel.nproc={p.nproc} leaves no data-parallel rank next to the "
-                          "torchtitan.parallelism degrees")
     g = t.global_batch_size
     if g > 0 and g % (t.local_batch_size * dp):
         raise ConfigError(

@@ -103,7 +103,10 @@ def test_override_and_file_merge_inside_the_pass_through(tmp_path: Path) -> None
     ("torchtitan.float8.enable=true", "unknown config key 'torchtitan.float8' (torchtitan sections"),
     ("torchtitan.compile=5", "'torchtitan.compile' must be a mapping"),
     ("torchtitan=5", "'torchtitan' must be a mapping"),
-    ("torchtitan.parallelism.tensor_parallel_degree=4", "leaves no data-parallel rank"),
+    ("torchtitan.parallelism.tensor_parallel_degree=4", "leaves no whole data-parallel degree"),
+    ("torchtitan.parallelism.tensor_parallel_degree=3", "leaves no whole data-parallel degree"),
+    ("parallel.dp_shard=1", "parallel.dp_shard=1 x TP x PP x CP x DP replicate (1) must equal "
+     "parallel.nproc=2"),
     ("torchtitan.activation_checkpoint.mode=memory_budget",
      "torchtitan: Memory budget activation checkpointing requires the model to be compiled"),
 ])
