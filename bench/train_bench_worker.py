@@ -66,13 +66,14 @@ def torchtitan_config(steps: int, seq_len: int, local_batch: int, ep: int):
 def ours_config(steps: int, seq_len: int, local_batch: int, ep: int):
     from torchtitan.components.optimizer import default_adamw
 
-    from moe_cpt.trainer.config import load_config, to_trainer_config
+    from moe_cpt.trainer.config import load_config
+    from moe_cpt.trainer.titan_config import to_trainer_config
 
     cfg = load_config(None, [
         "model.flavor=tt_debug_moe", "model.router=aux_free", f"training.steps={steps}",
         f"training.seq_len={seq_len}", f"training.local_batch_size={local_batch}",
         f"parallel.ep={ep}", "checkpoint.enable=false", "eval.samples_per_source=1",
-        "run.output_dir=/tmp/cpt-bench-ours",
+        "run.output_dir=/tmp/cpt-bench-ours", "metrics.tensorboard=false",
     ])
     config = to_trainer_config(cfg)
     config.optimizer = default_adamw(lr=3e-4)  # as torchtitan's qwen3_moe_debug

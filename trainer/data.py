@@ -26,6 +26,8 @@ from torchtitan.components.dataloader import BaseDataLoader
 from torchtitan.components.tokenizer import BaseTokenizer
 
 from moe_cpt.errors import ConfigError
+from moe_cpt.trainer.config import DataSection
+from moe_cpt.trainer.data_source import DataSource
 from moe_cpt.trainer.synthetic_data import SyntheticSource
 
 
@@ -50,7 +52,7 @@ class NullTokenizer(BaseTokenizer):
         return self.vocab_size
 
 
-def _mixer_source(cfg: CptDataLoader.Config, rank: int, world_size: int) -> Any:
+def _mixer_source(cfg: CptDataLoader.Config, rank: int, world_size: int) -> DataSource:
     """The in-process mixer dataset, or the service client when ``service_url`` is set.
 
     ``cfg.resolved_blend`` (the resolved blend recorded in a run's ``run.json``) takes precedence
@@ -102,7 +104,7 @@ def check_source_shape(source: Any, *, what: str, seq_len: int, global_batch_siz
 
 def build_source(
     cfg: CptDataLoader.Config, *, seq_len: int, global_batch_size: int, rank: int, world_size: int
-) -> Any:
+) -> DataSource:
     """The data source for one DP rank. The mixer plugs in here."""
     if cfg.kind == "synthetic":
         return SyntheticSource(
@@ -138,13 +140,14 @@ def sample_hash(tokens: torch.Tensor) -> int:
 class CptDataLoader(BaseDataLoader):
     @dataclass(kw_only=True, slots=True)
     class Config(BaseDataLoader.Config):
-        kind: str = "synthetic"
-        blend: str = ""
-        seed: int = 0
+        # the user-facing defaults live in moe_cpt.trainer.config.DataSection (written once)
+        kind: str = DataSection.kind
+        blend: str = DataSection.blend
+        seed: int = DataSection.seed
         vocab_size: int = 256
-        weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
-        service_url: str = ""  # mixer service (moe_cpt.mixer.service.client.ServiceMixedDataset)
-        service_token_env: str = ""  # env variable holding the service's bearer token
+        weights: list[float] = field(default_factory=lambda: DataSection().weights)
+        service_url: str = DataSection.service_url  # moe_cpt.mixer.service.client.ServiceMixedDataset
+        service_token_env: str = DataSection.service_token_env  # env var: the bearer token
         resolved_blend: dict = field(default_factory=dict)  # set on resume from run.json
         global_batch_size: int = -1  # set by the trainer from training.global_batch_size
 
@@ -162,7 +165,7 @@ class CptDataLoader(BaseDataLoader):
         global_batch = config.global_batch_size
         if global_batch <= 0:
             global_batch = local_batch_size * dp_world_size
-        self.source = build_source(config, seq_len=seq_len, global_batch_size=global_batch,
+        self.source: DataSource = build_source(config, seq_len=seq_len, global_batch_size=global_batch,
                                    rank=dp_rank, world_size=dp_world_size)
         self.local_batch_size = local_batch_size
         self.seq_len = seq_len
@@ -199,13 +202,4 @@ class CptDataLoader(BaseDataLoader):
             self.source.load_state_dict(state_dict["source"])
 
     def describe(self) -> dict[str, Any]:
-        describe = getattr(self.source, "describe", None)
-        if describe is not None:
-            info = describe()
-        else:
-            info = {"kind": type(self.source).__name__, "source_names": self.source.source_names,
-                    "seq_len": self.source.seq_len}
-            for attr in ("source_versions", "global_batch_size"):
-                if hasattr(self.source, attr):
-                    info[attr] = getattr(self.source, attr)
-        return {**info, "state": self.state_dict()["source"]}
+        return {**self.source.describe(), "state": self.state_dict()["source"]}

@@ -23,7 +23,7 @@ from typing import IO, Any
 
 from moe_cpt.processes import child_preexec, forward_signal
 from moe_cpt.provenance.record import read_run_record
-from moe_cpt.trainer.config import load_config
+from moe_cpt.trainer.config import CptConfig, load_config
 from moe_cpt.trainer.output_lock import check_free
 from moe_cpt.trainer.resume import check_checkpoint, check_run_inputs, is_resume, recorded_blend
 from moe_cpt.trainer.signals import EXIT_PREEMPTED, PREEMPT_SIGNAL
@@ -40,28 +40,26 @@ def torchrun_command(config_path: str | None, overrides: Sequence[str], nproc: i
     return cmd + list(overrides)
 
 
-def check_data_source(cfg: dict[str, Any], record: dict[str, Any]) -> None:
+def check_data_source(cfg: CptConfig, record: dict[str, Any]) -> None:
     """Open the blend the workers will read (a resume: the recorded resolved blend) and run the
     workers' own shape checks on it (``moe_cpt.trainer.data.check_source_shape``); a missing blend file or
     unreadable data is one :class:`~moe_cpt.errors.CptError` here. A mixer service is not contacted
     (the workers check what it serves)."""
-    d, t, p = cfg["data"], cfg["training"], cfg["parallel"]
-    if d["kind"] != "mixer" or d["service_url"]:
+    d, t = cfg.data, cfg.training
+    if d.kind != "mixer" or d.service_url:
         return
     from moe_cpt.mixer.dataset import open_blend
     from moe_cpt.trainer.data import check_source_shape
-    from moe_cpt.trainer.models import shape_of
 
-    resumed = is_resume(cfg["run"]["output_dir"]) and recorded_blend(record)
-    spec: Any = resumed or d["blend"]
+    resumed = is_resume(cfg.run.output_dir) and recorded_blend(record)
+    spec: Any = resumed or d.blend
     blend, _ = open_blend(spec)
-    dp = int(p["nproc"]) if int(p["dp_shard"]) == -1 else int(p["dp_shard"])
-    g = int(t["global_batch_size"])
+    g = t.global_batch_size
     source = SimpleNamespace(seq_len=blend.spec.seq_len, global_batch_size=blend.spec.global_batch_size,
                              blend=blend)
-    check_source_shape(source, what=f"blend {d['blend']}", seq_len=int(t["seq_len"]),
-                       global_batch_size=g if g > 0 else int(t["local_batch_size"]) * dp,
-                       vocab_size=int(cfg["model"]["vocab_size"] or shape_of(cfg["model"]["flavor"]).vocab_size))
+    check_source_shape(source, what=f"blend {d.blend}", seq_len=t.seq_len,
+                       global_batch_size=g if g > 0 else t.local_batch_size * cfg.dp_degree(),
+                       vocab_size=cfg.vocab_size())
 
 
 def launch(config_path: str | None, overrides: Sequence[str], *, dry_run: bool = False,
@@ -70,17 +68,17 @@ def launch(config_path: str | None, overrides: Sequence[str], *, dry_run: bool =
     run stopped on ``SIGUSR1`` after checkpointing. ``log_path``: also write the processes'
     output there (stdout/stderr otherwise inherited)."""
     cfg = load_config(config_path, list(overrides))  # fail fast, before starting processes
-    run = cfg["run"]  # resume / CPT parent: its recorded dataset versions must be readable
-    record = check_run_inputs(run["output_dir"], run["phase"], str(run["parent_run_dir"]))
-    check_checkpoint(run["output_dir"], run["phase"], str(run["parent_run_dir"]), int(run["parent_step"]),
-                     trust=bool(run["trust_checkpoint"]))
-    nproc = int(cfg["parallel"]["nproc"])
+    run = cfg.run  # resume / CPT parent: its recorded dataset versions must be readable
+    record = check_run_inputs(run.output_dir, run.phase, run.parent_run_dir)
+    check_checkpoint(run.output_dir, run.phase, run.parent_run_dir, run.parent_step,
+                     trust=run.trust_checkpoint)
+    nproc = cfg.parallel.nproc
     cmd = torchrun_command(config_path, overrides, nproc)
     if dry_run:
         print(" ".join(cmd))
         return 0
     check_data_source(cfg, record)
-    check_free(run["output_dir"])
+    check_free(run.output_dir)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env[LAUNCHER_PID_ENV] = str(os.getpid())
@@ -89,7 +87,7 @@ def launch(config_path: str | None, overrides: Sequence[str], *, dry_run: bool =
     else:
         with open(log_path, "w") as log:
             rc = _run_torchrun(cmd, env, log)
-    if rc == 0 and read_run_record(run["output_dir"]).get("status") == "preempted":
+    if rc == 0 and read_run_record(run.output_dir).get("status") == "preempted":
         return EXIT_PREEMPTED
     return rc
 

@@ -43,7 +43,10 @@ from moe_cpt.provenance.record import RunRecorder, read_run_record
 from moe_cpt.provenance.schema import new_run_id
 from moe_cpt.trainer import checkpoint_trust, cpu_compat, init_guard, signals
 from moe_cpt.trainer.attention import DocumentSDPA, document_causal_mask
+from moe_cpt.trainer.config import EvalSection, RunSection
+from moe_cpt.trainer.console import quiet_cpu_noise
 from moe_cpt.trainer.data import rebase_positions
+from moe_cpt.trainer.data_source import DataSource
 from moe_cpt.trainer.evaluation import (
     EvalResult,
     evaluate,
@@ -62,27 +65,6 @@ from moe_cpt.trainer.routers import collect_router_losses
 from moe_cpt.trainer.routing_metrics import MoECounts
 
 
-@dataclass
-class RunConfig:
-    run_id: str = ""
-    name: str = ""  # a human label (e.g. study/variant), shown by `cpt runs ls`
-    phase: str = "pretrain"  # pretrain | cpt
-    parent_run_dir: str = ""  # cpt: output folder of the run to continue from
-    parent_step: int = -1  # cpt: checkpoint step of the parent (-1 = latest)
-    load_optimizer: bool = False  # cpt: also restore the parent's optimizer state
-    init_from_full: bool = True  # seeded unsharded init (guards the CPU DTensor init bug)
-    fail_at_step: int = 0  # testing: exit abruptly right after this step
-    trust_checkpoint: bool = False  # DANGEROUS: load a checkpoint its run.json does not vouch for
-
-
-@dataclass
-class EvalConfig:
-    interval: int = 0  # 0 = only at start and end
-    samples_per_source: int = 32
-    batch_size: int = 8  # windows per eval forward
-    reference_routing: str = ""  # .npz of a reference routing; default: this run's start
-
-
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
@@ -90,13 +72,14 @@ def _rank() -> int:
 class CptTrainer(Trainer):
     @dataclass(kw_only=True, slots=True)
     class Config(Trainer.Config):
-        run: RunConfig = field(default_factory=RunConfig)
-        evaluation: EvalConfig = field(default_factory=EvalConfig)
-        user_config: dict = field(default_factory=dict)  # the config as the user wrote it
+        run: RunSection = field(default_factory=RunSection)
+        evaluation: EvalSection = field(default_factory=EvalSection)
+        user_config: dict = field(default_factory=dict)  # the resolved run config, plain data
 
     config: Config
 
     def __init__(self, config: Config) -> None:
+        quiet_cpu_noise(seeded_init=config.run.init_from_full)
         cpu_compat.apply()
         cpu_compat.adapt_config(config.training, config.parallelism)
         config.dataloader.global_batch_size = config.training.global_batch_size  # type: ignore[attr-defined]
@@ -114,6 +97,8 @@ class CptTrainer(Trainer):
         self._preempt = signals.PreemptionRequest().install()  # SIGUSR1: checkpoint + requeue
         self._digests: dict[str, dict[str, str]] = {}
         super().__init__(config)
+        self.metrics_processor.total_steps = config.training.steps  # the progress line's N
+        self.metrics_processor.defer_console = True  # _log_step_metrics prints the line
         model = self.model_parts[0]
         if config.run.init_from_full:  # also when resuming: the checkpoint overwrites it
             init_guard.init_from_full(model, self.model_config, config.debug.seed or 0)
@@ -276,13 +261,12 @@ class CptTrainer(Trainer):
         if self._val_cache is not None:
             return self._val_cache
         self._val_cache = batches = {}
-        source = self.dataloader.source
+        source: DataSource = self.dataloader.source
         n = self.config.evaluation.samples_per_source
-        held_out = getattr(source, "validation_samples", None)
-        if held_out is None or n <= 0:  # a source without held-out batches: no val metrics
+        if n <= 0:
             return batches
         for i, name in enumerate(source.source_names):
-            samples = held_out(i, n)
+            samples = source.validation_samples(i, n)
             if len(samples) < n:
                 if _rank() == 0:
                     logger.warning(
@@ -323,7 +307,7 @@ class CptTrainer(Trainer):
             f.write(json.dumps({**record, "segment": len(self._segments) - 1}) + "\n")
 
     def _tensorboard(self, record: dict[str, Any], step: int) -> None:
-        if _rank() != 0:
+        if _rank() != 0 or not self.config.metrics.enable_tensorboard:
             return
         if self._tb is None:
             try:
@@ -481,17 +465,19 @@ class CptTrainer(Trainer):
     def _log_step_metrics(self, metrics: dict[str, float]) -> None:
         """Per-source train loss and router MRI/MaxVio of the step: TensorBoard every step,
         and at each log step a ``train`` row of ``metrics.jsonl`` and one console line."""
-        if not metrics or _rank() != 0:
+        if _rank() != 0:
             return
-        self._tensorboard(metrics, self.step)
+        if metrics:
+            self._tensorboard(metrics, self.step)
         if self.metrics_processor.should_log(self.step):
-            self._append_jsonl("metrics.jsonl", {"kind": "train", "step": self.step,
-                                                 "loss": self.metrics_processor.last.get("loss"),
-                                                 **metrics})
+            if metrics:
+                self._append_jsonl("metrics.jsonl", {"kind": "train", "step": self.step,
+                                                     "loss": self.metrics_processor.last.get("loss"),
+                                                     **metrics})
             shown = {k: v for k, v in metrics.items()
                      if k.startswith("loss/") or k == "router/mri_max"}
             text = "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
-            logger.info(f"step {self.step:2}  train {text}")
+            logger.info("  ".join(x for x in (self.metrics_processor.progress, text) if x))
 
     def _log_eval(
         self, result: EvalResult, reference: dict[str, np.ndarray] | None,

@@ -12,7 +12,8 @@ import torch
 from moe_cpt import processes
 from moe_cpt.errors import CptError
 from moe_cpt.trainer import output_lock
-from moe_cpt.trainer.config import load_config, to_trainer_config
+from moe_cpt.trainer.config import CptConfig, load_config
+from moe_cpt.trainer.titan_config import to_trainer_config
 
 
 def tie_to_torchrun() -> None:
@@ -37,7 +38,7 @@ def run_worker(config_path: str | None, overrides: Sequence[str]) -> int:
     cpu_compat.apply()  # before any torchtitan component reads the device type
     init_logger()
     cfg = load_config(config_path, list(overrides))
-    lock = output_lock.acquire(cfg["run"]["output_dir"]) if os.environ.get("RANK", "0") == "0" else None
+    lock = output_lock.acquire(cfg.run.output_dir) if os.environ.get("RANK", "0") == "0" else None
     try:
         return _train(cfg)
     finally:
@@ -45,7 +46,7 @@ def run_worker(config_path: str | None, overrides: Sequence[str]) -> int:
             lock.release()
 
 
-def _train(cfg: dict) -> int:
+def _train(cfg: CptConfig) -> int:
     trainer_config = to_trainer_config(cfg)
     trainer = trainer_config.build()
     finished = False

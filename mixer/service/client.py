@@ -1,5 +1,5 @@
 """Client of the mixer service: the same ``IterableDataset`` and state API as
-:class:`mixer.dataset.MixedDataset`, with the samples streamed from ``cpt mix serve``.
+:class:`moe_cpt.mixer.dataset.MixedDataset`, with the samples streamed from ``cpt mix serve``.
 
     ds = ServiceMixedDataset("http://mixer:8470", rank=r, world_size=w, token=..., spec=blend)
     loader = StatefulDataLoader(ds, batch_size=ds.loader_batch_size, num_workers=2)

@@ -91,7 +91,7 @@ class TcpProxy:
 def consume_rank(spec_: dict, rank: int, world: int, cache_dir: str, samples: int) -> dict:
     """One data-parallel rank in its own process (multiprocessing spawn target): consume
     ``samples`` samples through a disk cache at ``cache_dir``; what it used and fetched."""
-    # here, not at the top: mixer.dataset imports torch, and tests/provenance and tests/study use these helpers
+    # here, not at the top: moe_cpt.mixer.dataset imports torch, and tests/provenance and tests/study use these helpers
     from moe_cpt.mixer.blocks import CacheConfig
     from moe_cpt.mixer.dataset import open_blend
     from moe_cpt.mixer.stream import MixStream

@@ -270,7 +270,7 @@ def test_cosine_inf_values_equal_the_formula() -> None:
 
 
 def _schedule(**over: object) -> dict:
-    sched = load_config(None, ["schedule.kind=cosine_inf", "training.steps=200"])["schedule"]
+    sched = load_config(None, ["schedule.kind=cosine_inf", "training.steps=200"])["schedule"].to_dict()
     sched.update(over)
     return sched
 

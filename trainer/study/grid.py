@@ -192,13 +192,10 @@ def check_configs(plans: list[RunPlan]) -> None:
     """Validate every run's config with the trainer's own rules (unknown keys, types, router /
     flavor / EP, schedule phases against the steps): one ConfigError naming the run."""
     from moe_cpt.errors import ConfigError
-    from moe_cpt.trainer.config import DEFAULTS, _check_lists, validate
-    from moe_cpt.trainer.config import _merge as merge_checked
+    from moe_cpt.trainer.config import check_config
 
     for p in plans:
         try:
-            cfg = merge_checked(copy.deepcopy(DEFAULTS), p.config)
-            _check_lists(cfg)
-            validate(cfg)
+            check_config(p.config)
         except ConfigError as exc:
             raise ConfigError(f"run {p.name}: {exc}") from exc
