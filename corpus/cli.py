@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from corpus.config import ExecutorConfig, load_config
+from corpus.executor_check import check_executor
 from corpus.store import Store
 from cpt.errors import BusyError, ConfigError, CptError
 from cpt.fs import store_errors
@@ -138,6 +139,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             options = yaml.safe_load(f) or {}
     if args.workers < 1:
         raise ConfigError("--workers must be >= 1")
+    check_executor(args.executor)
     executor = ExecutorConfig(kind=args.executor, workers=args.workers, options=options)
     run_build(args.config, args.store or default_store(), args.workers, executor, args.keep_work,
               create_bucket=args.create_bucket)

@@ -23,12 +23,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mixer.blocks import CacheConfig
-from mixer.dataset import MixedDataset
+
+if TYPE_CHECKING:  # torch comes with the train extra: imported where a bench runs, not by `cpt --help`
+    from mixer.dataset import MixedDataset
 
 BATCH = 64  # samples per collated batch, for every system
 
@@ -109,6 +111,8 @@ def consume(ds: MixedDataset, samples: int) -> tuple[float, float, int]:
 def measure(spec: dict, cache: CacheConfig, samples: int, batched: bool, passes: int,
             rank: int = 0, world: int = 1, pin: bool = True) -> dict[str, Any]:
     """In a child process: ``passes`` runs of a fresh dataset; median rates, I/O of the last."""
+    from mixer.dataset import MixedDataset
+
     if pin:
         pin_to_one_core()
     walls, cpus = [], []
@@ -134,6 +138,8 @@ def in_children(calls: list[tuple]) -> list[dict[str, Any]]:
 def resume_seconds(spec: dict, step: int) -> float:
     """Time from a checkpointed state at ``step`` to the first sample (O(1) by construction: the
     3:1 blend with G % 4 == 0 returns to zero deficits every step, so its state is exact)."""
+    from mixer.dataset import MixedDataset
+
     ds = MixedDataset(spec, cache=CacheConfig(prefetch_samples=1, prefetch_threads=0))
     g = spec["global_batch_size"]
     st = ds.state_dict() | {"step": step, "next": step * g, "counts": [step * g * 3 // 4, step * g // 4],
@@ -148,6 +154,8 @@ def resume_seconds(spec: dict, step: int) -> float:
 
 def delivered_windows(spec: dict, cache: CacheConfig, samples: int, out: Path) -> None:
     """One cold pass: fills the disk cache and saves the windows delivered (for the peers)."""
+    from mixer.dataset import MixedDataset
+
     ds = MixedDataset(spec, cache=cache)
     it = iter(ds)
     arr = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint16, shape=(samples, ds.seq_len + 1))

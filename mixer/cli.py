@@ -118,7 +118,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = mix.add_parser("bench", help="throughput, resume time, RSS, bytes fetched/consumed (tables)")
     from mixer.bench import add_arguments
     add_arguments(b)
-    b.set_defaults(func=_bench)
+    b.set_defaults(func=_bench, needs=("torch",))
     s = mix.add_parser(
         "serve", help="serve a blend over HTTP to trainer ranks (see docs/service.md)",
         description="Run the mixer as a network service: clients (mixer.client.ServiceMixedDataset) "
@@ -138,14 +138,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-clients", type=int, default=256, help="concurrent sample streams (default 256)")
     s.add_argument("--no-record", action="store_true", help="do not write a run record of this serving session "
                    "to the stores' run catalog (see `cpt runs ls`)")
-    s.set_defaults(func=_serve)
+    s.set_defaults(func=_serve, needs=("torch",))
     bs = mix.add_parser("bench-service", help="tokens/s through the service on loopback vs in-process",
                         description="Build a synthetic store, then print tokens/s of the in-process mixer "
                         "(warm disk cache), of one client of a `cpt mix serve` subprocess on loopback, and "
                         "of N concurrent client processes (same as python -m mixer.service_bench).")
     from mixer.service_bench import add_arguments as add_service_bench_arguments
     add_service_bench_arguments(bs)
-    bs.set_defaults(func=_bench_service)
+    bs.set_defaults(func=_bench_service, needs=("torch",))
 
 
 if __name__ == "__main__":  # pragma: no cover

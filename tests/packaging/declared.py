@@ -1,0 +1,40 @@
+"""What pyproject.toml declares: requirement names per group ("" = the base install, then each
+extra), and the repository's own top-level import packages."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def normalize(name: str) -> str:
+    """PEP 503 name: ``PyYAML`` and ``pyyaml``, ``huggingface_hub`` and ``huggingface-hub`` agree."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_name(requirement: str) -> str:
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    assert match, f"unparsable requirement {requirement!r}"
+    return normalize(match.group(1))
+
+
+def groups() -> dict[str, dict[str, str]]:
+    """{group: {normalized name: requirement as written}}; group "" is the base install."""
+    project = PYPROJECT["project"]
+    out = {"": {requirement_name(r): r for r in project["dependencies"]}}
+    for extra, reqs in project.get("optional-dependencies", {}).items():
+        out[extra] = {requirement_name(r): r for r in reqs}
+    return out
+
+
+def own_packages() -> set[str]:
+    """Top-level import packages of this repository (folders with an ``__init__.py``)."""
+    return {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+
+
+def own_python_files() -> list[Path]:
+    return sorted(f for pkg in own_packages() for f in (ROOT / pkg).rglob("*.py"))
