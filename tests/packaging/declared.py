@@ -33,7 +33,7 @@ def groups() -> dict[str, dict[str, str]]:
 
 def own_packages() -> set[str]:
     """Top-level import packages of this repository (folders with an ``__init__.py``)."""
-    return {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    return {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file() and p.name != "tests"}
 
 
 def own_python_files() -> list[Path]:
