@@ -12,12 +12,12 @@ WORKERS ?= 2
 help: ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first and pinned, so pip takes the CPU build from local disk.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[s3,train,dev]'
+	# torch first, so pip takes the CPU build from local disk; constraints.txt pins what is tested.
+	$(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -e '.[s3,train,dev]'
 	touch $(STAMP)
 
 venv: $(STAMP) ## create .venv with everything installed

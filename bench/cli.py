@@ -16,13 +16,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_corpus)
     m = bsub.add_parser("mixer", help="mixer throughput, resume time, RSS, bytes fetched/consumed (tables)")
     mixer_bench.add_arguments(m)
-    m.set_defaults(func=mixer_bench.run)
+    m.set_defaults(func=mixer_bench.run, needs=("torch",))
     s = bsub.add_parser("service", help="tokens/s through the mixer service on loopback vs in-process",
                         description="Build a synthetic store, then print tokens/s of the in-process mixer "
                         "(warm disk cache), of one client of a `cpt mix serve` subprocess on loopback, and "
                         "of N concurrent client processes.")
     service_bench.add_arguments(s)
-    s.set_defaults(func=service_bench.run)
+    s.set_defaults(func=service_bench.run, needs=("torch",))
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from moe_cpt.corpus.card import write_card
 from moe_cpt.corpus.config import ExecutorConfig, load_config
+from moe_cpt.corpus.executor_check import check_executor
 from moe_cpt.corpus.export import FORMATS as EXPORT_FORMATS
 from moe_cpt.corpus.export import export_version
 from moe_cpt.corpus.progress import human, print_stats, run_build
@@ -133,6 +134,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             options = yaml.safe_load(f) or {}
     if args.workers < 1:
         raise ConfigError("--workers must be >= 1")
+    check_executor(args.executor)
     executor = ExecutorConfig(kind=args.executor, workers=args.workers, options=options)
     run_build(args.config, args.store or default_store(), args.workers, executor, args.keep_work,
               create_bucket=args.create_bucket)

@@ -135,7 +135,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-clients", type=int, default=256, help="concurrent sample streams (default 256)")
     s.add_argument("--no-record", action="store_true", help="do not write a run record of this serving session "
                    "to the stores' run catalog (see `cpt runs ls`)")
-    s.set_defaults(func=_serve)
+    s.set_defaults(func=_serve, needs=("torch",))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,6 +21,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from moe_cpt.errors import CptError, NotFoundError, StoreError
+from moe_cpt.extras import install_hint, missing_extra
 from moe_cpt.hashing import sha256_hex
 
 
@@ -40,7 +41,9 @@ def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         fs, path = url_to_fs(url, **(s3_retry_options() if s3 else {}))
     except ImportError as exc:  # e.g. s3fs missing
-        raise CptError(f"cannot open {url!r}: {exc}") from exc
+        extra = missing_extra(exc)
+        reason = f"it needs the {extra} extra: {install_hint(extra)}" if extra else str(exc)
+        raise CptError(f"cannot open {url!r}: {reason}") from exc
     if s3:
         fs.retries = 1  # s3fs's own retry loop (a class attribute): one attempt
     return fs, path

@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", default=None, help=help_store)
     p.add_argument("--out", default="compare.png", help="the figure (PNG; default compare.png)")
     p.add_argument("--json", action="store_true", help="print the curves as JSON")
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, needs=("matplotlib",))
 
 
 def _steps(record: dict[str, Any]) -> str:

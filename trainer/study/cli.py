@@ -70,4 +70,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offline", action="store_true",
                    help="with --dry-run/--emit: do not open the data (refs stay unpinned, the "
                         "vocabulary is the flavor's)")
-    p.set_defaults(func=_study)
+    p.set_defaults(func=_study, needs=("torch", "torchtitan", "matplotlib"))
