@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:
-    from corpus.bench import bench_corpus, print_table
+    from bench.corpus_bench import bench_corpus, print_table
 
     print_table(bench_corpus(args.raw, args.repeat))
     return 0
