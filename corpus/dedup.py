@@ -1,12 +1,16 @@
-"""Deduplication stages, all datatrove's: exact (content hash) and near-duplicate (MinHash LSH).
+"""Deduplication stages: exact (content hash) and near-duplicate (MinHash LSH), on datatrove.
 
-Both of datatrove's filters address documents by their index within a task's stream, so each
-stage that computes signatures must see exactly the stream its filter will see later:
+Signatures for both are taken in ONE pass over the documents (:mod:`corpus.minhash_sigs`,
+vectorized one-permutation MinHash, datatrove's file formats); datatrove's ``ExactFindDedups``
+and ``MinhashDedupBuckets`` find the duplicates; :mod:`corpus.minhash_cluster` clusters the
+MinHash pairs with the exact removals in view and writes removals that datatrove's filters read:
 
-    exact:   front -> ExactDedupSignature | ExactFindDedups | ... ExactDedupFilter
-    minhash: front -> ExactDedupFilter -> MinhashDedupSignature | Buckets | Cluster | ... MinhashDedupFilter
+    front -> DedupSignatures | ExactFindDedups | MinhashDedupBuckets | DedupCluster
+    front -> ExactDedupFilter -> MinhashDedupFilter -> ...
 
-where ``front`` is readers + cleaning (deterministic, re-run by each stage).
+where ``front`` is readers + cleaning (deterministic, re-run by the final stage). Both filters
+address documents by their index within a task's stream; ``DedupCluster`` writes the MinHash
+removals in the index space after the exact filter.
 """
 
 import re
@@ -28,6 +32,8 @@ from datatrove.pipeline.dedup.exact_dedup import (
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from corpus.config import DedupConfig
+from corpus.minhash_cluster import DedupCluster
+from corpus.minhash_sigs import DedupSignatures
 from cpt.fs import join
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -88,6 +94,15 @@ class DedupPlan:
 
     def exact_filter(self) -> list:
         return [ExactDedupFilter(self.exact_dups, exact_config())] if self.exact else []
+
+    def signatures(self) -> DedupSignatures:
+        """Exact and MinHash signatures in one pass (whichever are enabled)."""
+        return DedupSignatures(self.exact_sigs if self.exact else None, exact_config(),
+                               self.mh_sigs if self.minhash else None, self.cfg.minhash)
+
+    def cluster(self) -> DedupCluster:
+        """Clusters from :meth:`signatures`' MinHash pairs, aware of the exact removals."""
+        return DedupCluster(self.mh_buckets, self.mh_remove, self.exact_dups if self.exact else None)
 
     def minhash_signature(self) -> MinhashDedupSignature:
         return MinhashDedupSignature(self.mh_sigs, minhash_config(self.cfg), language=RegexWordTokenizer())
