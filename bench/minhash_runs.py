@@ -3,7 +3,7 @@
 * ``datatrove``: datatrove's own stages, as this project ran them before (the same word splitter):
   ``MinhashDedupSignature`` | ``MinhashDedupBuckets`` | ``MinhashDedupCluster``.
 * ``ours``: :class:`corpus.minhash_sigs.DedupSignatures` (one-permutation MinHash) |
-  datatrove's ``MinhashDedupBuckets`` | :class:`corpus.minhash_cluster.DedupCluster`.
+  :class:`corpus.minhash_buckets.FastMinhashBuckets` | :class:`corpus.minhash_cluster.DedupCluster`.
 
 Both with the same ``MinhashSettings`` (n-grams, buckets, hashes per bucket, seed).
 """
@@ -21,6 +21,7 @@ from datatrove.pipeline.readers import JsonlReader
 
 from corpus.config import DedupConfig, MinhashSettings
 from corpus.dedup import RegexWordTokenizer, minhash_config
+from corpus.minhash_buckets import FastMinhashBuckets
 from corpus.minhash_cluster import DedupCluster
 from corpus.minhash_sigs import DedupSignatures
 
@@ -39,15 +40,17 @@ def run_minhash(method: str, input_dir: Path, work: Path, settings: MinhashSetti
     sigs, buckets, remove = work / "sigs", work / "buckets", work / "remove"
     if method == "datatrove":
         sign = MinhashDedupSignature(str(sigs), cfg, language=RegexWordTokenizer())
+        bucket = MinhashDedupBuckets(str(sigs), str(buckets), config=cfg)
         cluster = MinhashDedupCluster(str(buckets), str(remove), config=cfg)
     elif method == "ours":
         sign = DedupSignatures(None, None, str(sigs), settings)
+        bucket = FastMinhashBuckets(str(sigs), str(buckets), config=cfg)
         cluster = DedupCluster(str(buckets), str(remove))
     else:
         raise ValueError(f"method must be one of {METHODS}")
     stages = [
         ([JsonlReader(str(input_dir)), sign], tasks),
-        ([MinhashDedupBuckets(str(sigs), str(buckets), config=cfg)], settings.num_buckets),
+        ([bucket], settings.num_buckets),
         ([cluster], 1),
     ]
     t0 = time.perf_counter()

@@ -2,10 +2,11 @@
 
 Signatures for both are taken in ONE pass over the documents (:mod:`corpus.minhash_sigs`,
 vectorized one-permutation MinHash, datatrove's file formats); datatrove's ``ExactFindDedups``
-and ``MinhashDedupBuckets`` find the duplicates; :mod:`corpus.minhash_cluster` clusters the
-MinHash pairs with the exact removals in view and writes removals that datatrove's filters read:
+and :mod:`corpus.minhash_buckets` (datatrove's ``MinhashDedupBuckets``, vectorized) find the
+duplicates; :mod:`corpus.minhash_cluster` clusters the MinHash pairs with the exact removals in
+view and writes removals that datatrove's filters read:
 
-    front -> DedupSignatures | ExactFindDedups | MinhashDedupBuckets | DedupCluster
+    front -> DedupSignatures | ExactFindDedups | FastMinhashBuckets | DedupCluster
     front -> ExactDedupFilter -> MinhashDedupFilter -> ...
 
 where ``front`` is readers + cleaning (deterministic, re-run by the final stage). Both filters
@@ -18,7 +19,6 @@ import re
 from datatrove.data import Document
 from datatrove.pipeline.dedup import (
     MinhashConfig,
-    MinhashDedupBuckets,
     MinhashDedupCluster,
     MinhashDedupFilter,
     MinhashDedupSignature,
@@ -32,6 +32,7 @@ from datatrove.pipeline.dedup.exact_dedup import (
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from corpus.config import DedupConfig
+from corpus.minhash_buckets import FastMinhashBuckets
 from corpus.minhash_cluster import DedupCluster
 from corpus.minhash_sigs import DedupSignatures
 from cpt.fs import join
@@ -107,8 +108,8 @@ class DedupPlan:
     def minhash_signature(self) -> MinhashDedupSignature:
         return MinhashDedupSignature(self.mh_sigs, minhash_config(self.cfg), language=RegexWordTokenizer())
 
-    def minhash_buckets(self) -> MinhashDedupBuckets:
-        return MinhashDedupBuckets(self.mh_sigs, self.mh_buckets, config=minhash_config(self.cfg))
+    def minhash_buckets(self) -> FastMinhashBuckets:
+        return FastMinhashBuckets(self.mh_sigs, self.mh_buckets, config=minhash_config(self.cfg))
 
     def minhash_cluster(self) -> MinhashDedupCluster:
         return MinhashDedupCluster(self.mh_buckets, self.mh_remove, config=minhash_config(self.cfg))

@@ -112,11 +112,12 @@ class OnePermutationMinhash:
         self._ipow = np.ones(1, dtype=np.uint64)  # _MULT**-j
 
     def _powers(self, length: int) -> tuple[np.ndarray, np.ndarray]:
-        if len(self._pow) < length:
-            size = max(length, 2 * len(self._pow))
-            inv = pow(_MULT, -1, 1 << 64)
-            self._pow = np.concatenate([[np.uint64(1)], np.cumprod(np.full(size - 1, _MULT, dtype=np.uint64))])
-            self._ipow = np.concatenate([[np.uint64(1)], np.cumprod(np.full(size - 1, inv, dtype=np.uint64))])
+        """MULT**j and MULT**-j for j < length (mod 2**64), grown by doubling and kept."""
+        while len(self._pow) < length:
+            k = len(self._pow)
+            step, inv = np.uint64(pow(_MULT, k, 1 << 64)), np.uint64(pow(_MULT, -k, 1 << 64))
+            self._pow = np.concatenate([self._pow, self._pow * step])
+            self._ipow = np.concatenate([self._ipow, self._ipow * inv])
         return self._pow[:length], self._ipow[:length]
 
     def shingle_hashes(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -170,15 +171,22 @@ class OnePermutationMinhash:
 
     def densify(self, sigs: np.ndarray) -> np.ndarray:
         """Fill the empty bins of rows that have at least one value (in place); returns the mask
-        of rows that have a signature."""
+        of rows that have a signature. Bin i takes the value of the first originally non-empty
+        bin in ``borrow[i]``."""
         empty = sigs == EMPTY
         has = ~empty.all(axis=1)
         rows = np.flatnonzero(has & empty.any(axis=1))
-        for i in range(0, len(rows), 256):
-            r = rows[i : i + 256]
-            full = ~empty[r][:, self.borrow]  # (m, K, K): is borrow[i][j] non-empty
-            src = self.borrow[np.arange(self.k), full.argmax(axis=2)]  # (m, K)
-            sigs[r] = np.where(empty[r], np.take_along_axis(sigs[r], src, axis=1), sigs[r])
+        if len(rows):
+            e, sr = empty[rows], sigs[rows]
+            need = e.copy()
+            for j in range(self.k):  # a few rounds unless a document has very few shingles
+                src = self.borrow[:, j]
+                ok = need & ~e[:, src]
+                sr[ok] = sr[:, src][ok]
+                need &= ~ok
+                if not need.any():
+                    break
+            sigs[rows] = sr
         return has
 
 
@@ -190,7 +198,7 @@ class DedupSignatures(PipelineStep):
 
     def __init__(self, exact_folder: DataFolderLike | None, exact_config: ExactDedupConfig | None,
                  minhash_folder: DataFolderLike | None, minhash: MinhashSettings,
-                 batch_bytes: int = 1 << 22, piece_chars: int = 1 << 20):
+                 batch_bytes: int = 1 << 20, piece_chars: int = 1 << 20):
         super().__init__()
         self.exact = ExactDedupSignature(exact_folder, exact_config) if exact_folder is not None else None
         self.minhash_folder = get_datafolder(minhash_folder) if minhash_folder is not None else None

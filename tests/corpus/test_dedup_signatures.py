@@ -113,3 +113,36 @@ def test_exact_and_near_duplicates_across_tasks_same_version_for_any_workers(tmp
         assert stages["dedup: exact"]["dropped"] == 5  # 2 of o0/e0/e0c, 2 of o1/e1/e1c, 1 of n0/n0b
         assert stages["dedup: minhash"]["dropped"] == 3  # 1 of group 0, 2 of the o2 chain
     assert versions[0] == versions[1]
+
+
+def test_numpy_buckets_write_datatrove_pairs(tmp_path: Path, texts: list[str]) -> None:
+    """FastMinhashBuckets finds exactly the pairs of datatrove's MinhashDedupBuckets, also with
+    tiny read blocks (the block merge) and two workers per bucket (hash ranges)."""
+    from datatrove.pipeline.dedup import MinhashDedupBuckets
+
+    from bench.planted_dups import PlantedSpec, make_planted
+    from corpus.config import DedupConfig
+    from corpus.dedup import minhash_config
+    from corpus.minhash_buckets import FastMinhashBuckets
+
+    planted = make_planted(texts, PlantedSpec(originals=90, words=(30, 200), clusters_per_rate=10, copies=2))
+    settings = MinhashSettings(num_buckets=4, hashes_per_bucket=3)
+    cfg = minhash_config(DedupConfig(minhash=settings))
+    sigs = tmp_path / "sigs"
+    for task in range(3):
+        docs = planted.records[task::3]
+        DedupSignatures(None, None, str(sigs), settings).run(
+            iter(Document(text=r["text"], id=r["id"]) for r in docs), rank=task)
+
+    def pairs(step_cls, out: Path, world: int, **kw) -> np.ndarray:
+        for rank in range(world):
+            step_cls(str(sigs), str(out), config=cfg, **kw).run(rank=rank, world_size=world)
+        rows = np.frombuffer(b"".join(p.read_bytes() for p in sorted(out.glob("*.dups"))), dtype="<u4")
+        rows = rows.reshape(-1, 4)
+        return rows[np.lexsort(rows.T[::-1])]
+
+    theirs = pairs(MinhashDedupBuckets, tmp_path / "dt", 4)
+    assert len(theirs) > 40
+    for world, block in ((4, 1 << 16), (4, 3), (8, 2)):
+        ours = pairs(FastMinhashBuckets, tmp_path / f"ours-{world}-{block}", world, block_records=block)
+        assert np.array_equal(ours, theirs), (world, block)
