@@ -31,6 +31,7 @@ as datatrove's signature step).
 """
 
 import unicodedata
+from collections.abc import Iterator
 
 import numpy as np
 import regex
@@ -83,19 +84,16 @@ def prepare(text: str) -> bytes:
     return t.encode("utf-8", "replace")
 
 
-def text_pieces(text: str, piece_chars: int) -> list[str]:
+def text_pieces(text: str, piece_chars: int) -> Iterator[str]:
     """``text`` cut at whitespace into pieces of about ``piece_chars`` (no word is split)."""
-    if len(text) <= piece_chars:
-        return [text]
-    pieces, start = [], 0
-    while start < len(text):
-        end = min(len(text), start + piece_chars)
-        if end < len(text):
-            cut = max(text.rfind(" ", start, end), text.rfind("\n", start, end))
-            end = cut + 1 if cut > start else end
-        pieces.append(text[start:end])
+    start = 0
+    while len(text) - start > piece_chars:
+        end = start + piece_chars
+        cut = max(text.rfind(" ", start, end), text.rfind("\n", start, end))
+        end = cut + 1 if cut > start else end
+        yield text[start:end]
         start = end
-    return pieces
+    yield text[start:]
 
 
 class OnePermutationMinhash:

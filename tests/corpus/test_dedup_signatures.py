@@ -66,7 +66,7 @@ def test_signature_files_do_not_depend_on_batching(tmp_path: Path) -> None:
 def test_long_documents_in_pieces_keep_their_signature(tmp_path: Path) -> None:
     rng = random.Random(3)
     text = " ".join(_words(rng, 20000))
-    pieces = text_pieces(text, 4096)
+    pieces = list(text_pieces(text, 4096))
     assert "".join(pieces) == text and max(map(len, pieces)) <= 4096 and len(pieces) > 20
     whole = _sig_files(tmp_path / "a", [text])
     cut = _sig_files(tmp_path / "b", [text], piece_chars=4096)  # loses the shingles across cuts
