@@ -19,14 +19,11 @@ import re
 from datatrove.data import Document
 from datatrove.pipeline.dedup import (
     MinhashConfig,
-    MinhashDedupCluster,
     MinhashDedupFilter,
-    MinhashDedupSignature,
 )
 from datatrove.pipeline.dedup.exact_dedup import (
     ExactDedupConfig,
     ExactDedupFilter,
-    ExactDedupSignature,
     ExactFindDedups,
 )
 from datatrove.utils.word_tokenizers import WordTokenizer
@@ -41,7 +38,10 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 
 
 class RegexWordTokenizer(WordTokenizer):
-    """Language-agnostic word splitter for MinHash shingles (prose and code alike, no model)."""
+    """Language-agnostic word splitter for datatrove's ``MinhashDedupSignature`` (no NLP model).
+
+    Builds used it before :mod:`corpus.minhash_sigs`; ``bench/minhash_runs.py`` runs datatrove's
+    MinHash with it as the baseline that ours is measured against."""
 
     def word_tokenize(self, text: str) -> list[str]:
         return _WORD.findall(text)
@@ -87,9 +87,6 @@ class DedupPlan:
     def minhash(self) -> bool:
         return self.cfg.minhash.enabled
 
-    def exact_signature(self) -> ExactDedupSignature:
-        return ExactDedupSignature(self.exact_sigs, exact_config())
-
     def exact_find(self) -> ExactFindDedups:
         return ExactFindDedups(self.exact_sigs, self.exact_dups, exact_config())
 
@@ -105,14 +102,8 @@ class DedupPlan:
         """Clusters from :meth:`signatures`' MinHash pairs, aware of the exact removals."""
         return DedupCluster(self.mh_buckets, self.mh_remove, self.exact_dups if self.exact else None)
 
-    def minhash_signature(self) -> MinhashDedupSignature:
-        return MinhashDedupSignature(self.mh_sigs, minhash_config(self.cfg), language=RegexWordTokenizer())
-
     def minhash_buckets(self) -> FastMinhashBuckets:
         return FastMinhashBuckets(self.mh_sigs, self.mh_buckets, config=minhash_config(self.cfg))
-
-    def minhash_cluster(self) -> MinhashDedupCluster:
-        return MinhashDedupCluster(self.mh_buckets, self.mh_remove, config=minhash_config(self.cfg))
 
     def minhash_filter(self) -> list:
         return [MinhashDedupFilter(self.mh_remove)] if self.minhash else []

@@ -15,11 +15,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peer-tokens", type=int, default=10_000_000,
                    help="input size for the MinHash-stages comparison with datatrove (default 10M)")
     p.add_argument("--no-quality", action="store_true", help="skip the planted-duplicates precision/recall table")
+    p.add_argument("--repeat", type=int, default=1, help="best (least CPU time) of N runs per measurement")
     p.set_defaults(func=cmd_corpus)
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:
     from bench.corpus_bench import bench_corpus, print_report
 
-    print_report(bench_corpus(args.raw, args.tokens, args.peer_tokens, quality=not args.no_quality))
+    print_report(bench_corpus(args.raw, args.tokens, args.peer_tokens, quality=not args.no_quality,
+                              repeat=args.repeat))
     return 0
