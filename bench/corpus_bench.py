@@ -30,10 +30,19 @@ import threading
 import time
 from pathlib import Path
 
+import orjson
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.tokens import DocumentTokenizer
 from rich.console import Console
 from rich.table import Table
+from tokenizers import Tokenizer
 
+from bench.minhash_runs import run_minhash
 from bench.planted_dups import PlantedSpec, edit, make_planted, score
+from corpus.build import build_dataset
+from corpus.config import ExecutorConfig, config_from_dict
+from corpus.demo import ensure_tokenizer, write_raw_inputs
 
 N_FILES = 8
 DEDUP = {"exact": True, "minhash": {"enabled": True}}
@@ -42,8 +51,6 @@ NO_DEDUP = {"exact": False, "minhash": {"enabled": False}}
 
 # ---- input ---------------------------------------------------------------------------------------
 def demo_texts(raw: Path) -> list[str]:
-    from corpus.demo import write_raw_inputs
-
     write_raw_inputs(raw)
     texts = [json.loads(line)["text"] for f in sorted((raw / "prose").glob("*.jsonl")) for line in f.open()]
     texts += [p.read_text(encoding="utf-8") for p in sorted((raw / "code").rglob("*.py"))]
@@ -57,8 +64,6 @@ def generate_input(texts: list[str], chars: int, out: Path, seed: int = 0) -> di
     lines (a new shuffle per pass), so two generated documents share a line only by chance and
     are not near-duplicates of each other; then 3% exact and 5% near copies (word-edit rate
     1-5%) of recent documents are planted."""
-    import orjson
-
     rng = random.Random(seed)
     lines = [ln for t in texts for ln in t.splitlines() if ln.strip()]
     pool = [w for t in texts[:200] for w in t.split()]
@@ -94,8 +99,6 @@ def generate_input(texts: list[str], chars: int, out: Path, seed: int = 0) -> di
 
 def huge_doc_input(texts: list[str], chars: int, out: Path) -> None:
     """One document of about ``chars`` characters (the demo text repeated) in one file."""
-    import orjson
-
     out.mkdir(parents=True, exist_ok=True)
     body = "\n".join(texts)
     text = (body * (chars // len(body) + 1))[:chars]
@@ -125,8 +128,6 @@ class _Timer:
 def measure(spec: dict) -> dict:
     kind, inp, tok_path, work = spec["kind"], Path(spec["input"]), spec["tokenizer"], Path(spec["work"])
     if kind == "raw":
-        from tokenizers import Tokenizer
-
         texts = [json.loads(line)["text"] for f in sorted(inp.glob("*.jsonl")) for line in f.open()]
         tok = Tokenizer.from_file(tok_path)
         n = 0
@@ -135,9 +136,6 @@ def measure(spec: dict) -> dict:
                 n += sum(len(e.ids) + 1 for e in tok.encode_batch_fast(texts[i : i + 256], add_special_tokens=False))
         return t.result(tokens=n)
     if kind == "ours":
-        from corpus.build import build_dataset
-        from corpus.config import ExecutorConfig, config_from_dict
-
         cfg = config_from_dict({"name": "bench", "inputs": [str(inp)], "tokenizer": tok_path, "tasks": spec["tasks"],
                                 "dedup": spec["dedup"], "packing": {"block_tokens": 65536}})
         with _Timer() as t:
@@ -145,10 +143,6 @@ def measure(spec: dict) -> dict:
         return t.result(tokens=result.manifest.n_tokens, stages=result.stage_seconds,
                         stats=result.manifest.stats["stages"])
     if kind == "dt-tokenizer":
-        from datatrove.executor import LocalPipelineExecutor
-        from datatrove.pipeline.readers import JsonlReader
-        from datatrove.pipeline.tokens import DocumentTokenizer
-
         out = work / "dt"
         ex = LocalPipelineExecutor(
             pipeline=[JsonlReader(str(inp)),
@@ -161,8 +155,6 @@ def measure(spec: dict) -> dict:
     if kind == "quality":
         return {"quality": dedup_quality(json.loads(inp.read_text()), work)}
     if kind in ("dt-minhash", "our-minhash"):
-        from bench.minhash_runs import run_minhash
-
         with _Timer() as t:
             run = run_minhash("datatrove" if kind == "dt-minhash" else "ours", inp, work)
         return t.result(removed=int(sum(len(v) for v in run.removed.values())))
@@ -221,10 +213,6 @@ def run_measure(spec: dict) -> dict:
 def bench_corpus(raw_dir: str = "data/raw", tokens: int = 50_000_000, peer_tokens: int = 10_000_000,
                  quality: bool = True, repeat: int = 1, console: Console | None = None) -> dict:
     """Run the bench; each measurement is the best (least CPU time) of ``repeat`` runs."""
-    from tokenizers import Tokenizer
-
-    from corpus.demo import ensure_tokenizer
-
     console = console or Console(stderr=True)
     raw = Path(raw_dir).resolve()
     texts = demo_texts(raw)
@@ -290,8 +278,6 @@ QUALITY_SPEC = PlantedSpec(originals=1500, words=(100, 800), edit_rates=(0.0, 0.
 
 
 def dedup_quality(texts: list[str], work: Path, spec: PlantedSpec = QUALITY_SPEC) -> dict:
-    from bench.minhash_runs import run_minhash
-
     planted = make_planted(texts, spec)
     inp = work / "in"
     inp.mkdir(parents=True)
