@@ -3,7 +3,7 @@
 Stages (each a datatrove executor run; finished tasks are skipped when a build is rerun):
 
 1. ``dedup-signatures``   exact hashes + MinHash signatures in one pass (if either is enabled)
-2. ``exact-find`` / ``minhash-buckets`` / ``minhash-cluster``   find the duplicates
+2. ``exact-find`` / ``minhash-pairs`` / ``minhash-clusters``   find the duplicates
 3. ``tokenize``   read -> clean -> dedup filters -> tokenize -> shards in the work folder
 4. publish     move shards into ``<store>/<dataset>/<version>/``, manifest last
 
@@ -177,8 +177,8 @@ class BuildPlan:
         if d.exact:
             out.append(Stage("exact-find", 1, [d.exact_find()], False))
         if d.minhash:
-            out.append(Stage("minhash-buckets", self.cfg.dedup.minhash.num_buckets, [d.minhash_buckets()], False))
-            out.append(Stage("minhash-cluster", 1, [d.cluster()], False))
+            out.append(Stage("minhash-pairs", self.cfg.dedup.minhash.num_buckets, [d.minhash_buckets()], False))
+            out.append(Stage("minhash-clusters", 1, [d.cluster()], False))
         threads = max(1, (os.cpu_count() or 1) // max(1, min(self.workers, t)))
         tokenize = TokenizeToShards(join(self.work, "staging"), self.tokenizer_json, self.tok, self.cfg.packing, threads)
         out.append(Stage("tokenize", t, self.front("tokenize") + d.exact_filter() + d.minhash_filter() + [tokenize], True))

@@ -75,9 +75,12 @@ class DedupPlan:
         self.cfg = cfg
         self.exact_sigs = join(work, "exact", "sigs")
         self.exact_dups = join(work, "exact", "dups")
-        self.mh_sigs = join(work, "minhash", "sigs")
-        self.mh_buckets = join(work, "minhash", "buckets")
-        self.mh_remove = join(work, "minhash", "remove")
+        # "minhash-oph", not the "minhash" of builds before one-pass signatures: their document
+        # indices counted the stream after the exact filter, so a work folder they left must
+        # not be resumed into these steps
+        self.mh_sigs = join(work, "minhash-oph", "sigs")
+        self.mh_buckets = join(work, "minhash-oph", "buckets")
+        self.mh_remove = join(work, "minhash-oph", "remove")
 
     @property
     def exact(self) -> bool:
