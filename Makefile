@@ -42,8 +42,9 @@ lint: $(STAMP) ## ruff
 
 bench: bench-corpus bench-mixer bench-train ## all benchmarks
 
-bench-corpus: $(STAMP) ## tokens/s of the corpus pipeline vs raw tokenizers vs datatrove
-	$(PY) -m moe_cpt.cli bench corpus
+BENCH_CORPUS_ARGS ?=
+bench-corpus: $(STAMP) ## corpus pipeline tokens/s/core with/without dedup vs raw tokenizers and datatrove, scaling, RSS, dedup P/R
+	$(PY) -m moe_cpt.cli bench corpus $(BENCH_CORPUS_ARGS)
 
 # peers of the mixer bench in their own venv: their pins (numpy<2.2, torchvision) stay out of .venv
 $(BENCH_STAMP):

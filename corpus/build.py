@@ -2,8 +2,8 @@
 
 Stages (each a datatrove executor run; finished tasks are skipped when a build is rerun):
 
-1. ``exact-signatures`` / ``exact-find``   exact dedup (if enabled)
-2. ``minhash-signatures`` / ``-buckets`` / ``-cluster``   near-dup dedup (if enabled)
+1. ``dedup-signatures``   exact hashes + MinHash signatures in one pass (if either is enabled)
+2. ``exact-find`` / ``minhash-pairs`` / ``minhash-clusters``   find the duplicates
 3. ``tokenize``   read -> clean -> dedup filters -> tokenize -> shards in the work folder
 4. publish     move shards into ``<store>/<dataset>/<version>/``, manifest last
 
@@ -172,14 +172,13 @@ class BuildPlan:
     def stages(self) -> list[Stage]:
         d, t = self.dedup, self.tasks
         out: list[Stage] = []
+        if d.exact or d.minhash:  # one pass computes both kinds of signatures (corpus/dedup.py)
+            out.append(Stage("dedup-signatures", t, self.front("dedup-signatures") + [d.signatures()], True))
         if d.exact:
-            out.append(Stage("exact-signatures", t, self.front("exact-signatures") + [d.exact_signature()], True))
             out.append(Stage("exact-find", 1, [d.exact_find()], False))
         if d.minhash:
-            out.append(Stage("minhash-signatures", t,
-                             self.front("minhash-signatures") + d.exact_filter() + [d.minhash_signature()], True))
-            out.append(Stage("minhash-buckets", self.cfg.dedup.minhash.num_buckets, [d.minhash_buckets()], False))
-            out.append(Stage("minhash-cluster", 1, [d.minhash_cluster()], False))
+            out.append(Stage("minhash-pairs", self.cfg.dedup.minhash.num_buckets, [d.minhash_buckets()], False))
+            out.append(Stage("minhash-clusters", 1, [d.cluster()], False))
         threads = max(1, (os.cpu_count() or 1) // max(1, min(self.workers, t)))
         tokenize = TokenizeToShards(join(self.work, "staging"), self.tokenizer_json, self.tok, self.cfg.packing, threads)
         out.append(Stage("tokenize", t, self.front("tokenize") + d.exact_filter() + d.minhash_filter() + [tokenize], True))

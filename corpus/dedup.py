@@ -1,12 +1,17 @@
-"""Deduplication stages, all datatrove's: exact (content hash) and near-duplicate (MinHash LSH).
+"""Deduplication stages: exact (content hash) and near-duplicate (MinHash LSH), on datatrove.
 
-Both of datatrove's filters address documents by their index within a task's stream, so each
-stage that computes signatures must see exactly the stream its filter will see later:
+Signatures for both are taken in ONE pass over the documents (:mod:`moe_cpt.corpus.minhash_sigs`,
+vectorized one-permutation MinHash, datatrove's file formats); datatrove's ``ExactFindDedups``
+and :mod:`moe_cpt.corpus.minhash_buckets` (datatrove's ``MinhashDedupBuckets``, vectorized) find the
+duplicates; :mod:`moe_cpt.corpus.minhash_cluster` clusters the MinHash pairs with the exact removals in
+view and writes removals that datatrove's filters read:
 
-    exact:   front -> ExactDedupSignature | ExactFindDedups | ... ExactDedupFilter
-    minhash: front -> ExactDedupFilter -> MinhashDedupSignature | Buckets | Cluster | ... MinhashDedupFilter
+    front -> DedupSignatures | ExactFindDedups | FastMinhashBuckets | DedupCluster
+    front -> ExactDedupFilter -> MinhashDedupFilter -> ...
 
-where ``front`` is readers + cleaning (deterministic, re-run by each stage).
+where ``front`` is readers + cleaning (deterministic, re-run by the final stage). Both filters
+address documents by their index within a task's stream; ``DedupCluster`` writes the MinHash
+removals in the index space after the exact filter.
 """
 
 import re
@@ -14,27 +19,29 @@ import re
 from datatrove.data import Document
 from datatrove.pipeline.dedup import (
     MinhashConfig,
-    MinhashDedupBuckets,
-    MinhashDedupCluster,
     MinhashDedupFilter,
-    MinhashDedupSignature,
 )
 from datatrove.pipeline.dedup.exact_dedup import (
     ExactDedupConfig,
     ExactDedupFilter,
-    ExactDedupSignature,
     ExactFindDedups,
 )
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from moe_cpt.corpus.config import DedupConfig
+from moe_cpt.corpus.minhash_buckets import FastMinhashBuckets
+from moe_cpt.corpus.minhash_cluster import DedupCluster
+from moe_cpt.corpus.minhash_sigs import DedupSignatures
 from moe_cpt.fs import join
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
 class RegexWordTokenizer(WordTokenizer):
-    """Language-agnostic word splitter for MinHash shingles (prose and code alike, no model)."""
+    """Language-agnostic word splitter for datatrove's ``MinhashDedupSignature`` (no NLP model).
+
+    Builds used it before :mod:`moe_cpt.corpus.minhash_sigs`; ``bench/minhash_runs.py`` runs datatrove's
+    MinHash with it as the baseline that ours is measured against."""
 
     def word_tokenize(self, text: str) -> list[str]:
         return _WORD.findall(text)
@@ -68,9 +75,12 @@ class DedupPlan:
         self.cfg = cfg
         self.exact_sigs = join(work, "exact", "sigs")
         self.exact_dups = join(work, "exact", "dups")
-        self.mh_sigs = join(work, "minhash", "sigs")
-        self.mh_buckets = join(work, "minhash", "buckets")
-        self.mh_remove = join(work, "minhash", "remove")
+        # "minhash-oph", not the "minhash" of builds before one-pass signatures: their document
+        # indices counted the stream after the exact filter, so a work folder they left must
+        # not be resumed into these steps
+        self.mh_sigs = join(work, "minhash-oph", "sigs")
+        self.mh_buckets = join(work, "minhash-oph", "buckets")
+        self.mh_remove = join(work, "minhash-oph", "remove")
 
     @property
     def exact(self) -> bool:
@@ -80,23 +90,23 @@ class DedupPlan:
     def minhash(self) -> bool:
         return self.cfg.minhash.enabled
 
-    def exact_signature(self) -> ExactDedupSignature:
-        return ExactDedupSignature(self.exact_sigs, exact_config())
-
     def exact_find(self) -> ExactFindDedups:
         return ExactFindDedups(self.exact_sigs, self.exact_dups, exact_config())
 
     def exact_filter(self) -> list:
         return [ExactDedupFilter(self.exact_dups, exact_config())] if self.exact else []
 
-    def minhash_signature(self) -> MinhashDedupSignature:
-        return MinhashDedupSignature(self.mh_sigs, minhash_config(self.cfg), language=RegexWordTokenizer())
+    def signatures(self) -> DedupSignatures:
+        """Exact and MinHash signatures in one pass (whichever are enabled)."""
+        return DedupSignatures(self.exact_sigs if self.exact else None, exact_config(),
+                               self.mh_sigs if self.minhash else None, self.cfg.minhash)
 
-    def minhash_buckets(self) -> MinhashDedupBuckets:
-        return MinhashDedupBuckets(self.mh_sigs, self.mh_buckets, config=minhash_config(self.cfg))
+    def cluster(self) -> DedupCluster:
+        """Clusters from :meth:`signatures`' MinHash pairs, aware of the exact removals."""
+        return DedupCluster(self.mh_buckets, self.mh_remove, self.exact_dups if self.exact else None)
 
-    def minhash_cluster(self) -> MinhashDedupCluster:
-        return MinhashDedupCluster(self.mh_buckets, self.mh_remove, config=minhash_config(self.cfg))
+    def minhash_buckets(self) -> FastMinhashBuckets:
+        return FastMinhashBuckets(self.mh_sigs, self.mh_buckets, config=minhash_config(self.cfg))
 
     def minhash_filter(self) -> list:
         return [MinhashDedupFilter(self.mh_remove)] if self.minhash else []

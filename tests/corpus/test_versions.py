@@ -105,14 +105,14 @@ def test_killed_build_leaves_no_version_and_rerun_resumes(tmp_path: Path, texts:
         open_dataset(str(store_dir), "big@latest")
     work = marker.parents[3]
     done_before = (work / "logs" / "tokenize" / "stats" / "00000.json").stat().st_mtime_ns
-    exact_before = (work / "logs" / "exact-signatures" / "stats" / "00001.json").stat().st_mtime_ns
+    exact_before = (work / "logs" / "dedup-signatures" / "stats" / "00001.json").stat().st_mtime_ns
 
     result = build_dataset(load_config(cfg_path), str(store_dir), ExecutorConfig(workers=1), keep_work=True)
     assert store.list_versions("big") == [result.version]
     assert result.manifest.n_docs == 3000
     # finished tasks were not redone
     assert (work / "logs" / "tokenize" / "stats" / "00000.json").stat().st_mtime_ns == done_before
-    assert (work / "logs" / "exact-signatures" / "stats" / "00001.json").stat().st_mtime_ns == exact_before
+    assert (work / "logs" / "dedup-signatures" / "stats" / "00001.json").stat().st_mtime_ns == exact_before
     assert verify_version(open_dataset(str(store_dir), "big")).ok
 
 
