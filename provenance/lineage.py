@@ -3,7 +3,6 @@ consumed, and the check that the versions a record read are still readable."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any
 
 from moe_cpt.errors import CptError, NotFoundError
 from moe_cpt.provenance.catalog import RunCatalog
+from moe_cpt.provenance.record import RUN_RECORD, read_run_record
 from moe_cpt.provenance.schema import DatasetUse, dataset_uses, record_stores
 from moe_cpt.store.verify import check_present
 
@@ -82,14 +82,15 @@ def lineage(run_id: str, catalogs: Iterable[RunCatalog], max_depth: int = 64) ->
 
 
 def _read_local_record(run_dir: str, run_id: str) -> tuple[dict[str, Any], str] | None:
+    """The record in ``run_dir`` (``run.json``, or its event log if that is unreadable) if it is
+    the record of ``run_id``."""
     if not run_dir:
         return None
-    path = Path(run_dir) / "run.json"
     try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
+        record = read_run_record(run_dir)
+    except OSError:  # unreadable folder: the parent is listed as not found
         return None
-    return (record, str(path)) if record.get("run_id") == run_id else None
+    return (record, str(Path(run_dir) / RUN_RECORD)) if record.get("run_id") == run_id else None
 
 
 def check_readable(record: Mapping[str, Any]) -> None:
