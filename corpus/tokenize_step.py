@@ -11,13 +11,13 @@ import xxhash
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
-from moe_cpt.corpus.blocks import BLOCK_CHARS, ends_document, piece_bounds, starts_document
+from moe_cpt.corpus.blocks import ends_document, piece_bounds, starts_document
 from moe_cpt.corpus.shard_writer import PackingConfig, ShardSetWriter
 from moe_cpt.fs import join, open_fs
 from moe_cpt.store.manifest import TokenizerInfo
 
 ENCODE_BATCH = 256
-LONG_DOC_CHARS = BLOCK_CHARS  # longer texts are tokenized in pieces of about this many characters
+LONG_DOC_CHARS = 1 << 18  # longer texts (and blocks) are tokenized in pieces of about this many characters
 
 
 def content_hash(text: str) -> str:
@@ -96,7 +96,7 @@ class TokenizeToShards(PipelineStep):
                     if len(doc.text) <= LONG_DOC_CHARS:
                         n_tokens += self._add(writer, next(encodings).ids, dtype)
                     else:  # one piece at a time: memory bounded by the piece, not the document
-                        bounds = piece_bounds(doc.text)
+                        bounds = piece_bounds(doc.text, LONG_DOC_CHARS)
                         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
                             ids = tok.encode_batch_fast([doc.text[a:b]], add_special_tokens=False)[0].ids
                             n_tokens += self._add(writer, ids, dtype)
