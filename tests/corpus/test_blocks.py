@@ -204,3 +204,35 @@ def test_a_malformed_streamed_line_emits_nothing_and_is_skipped_or_fails(
         assert result.manifest.stats["bad_records_skipped"] == 1
         got = read_back(str(tmp_path / "store"), "skip")
         assert set(got) == {"long-ok", "s"}
+
+
+# ---- readers ----------------------------------------------------------------------------------------
+def _read(reader) -> list:
+    return list(reader.run(None, 0, 1))
+
+
+def test_a_long_text_file_is_decoded_in_blocks_and_checked_first(tmp_path: Path, texts: list[str]) -> None:
+    from moe_cpt.corpus.readers import TextFileReader
+
+    text = ("é😀 " + " ".join(texts) + "\n") * 3
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(text, encoding="utf-8")
+    docs = _read(TextFileReader(str(tmp_path / "in"), "*.txt", "fail", block_chars=4096))
+    assert len(docs) > 4 * len(text.encode()) // (4 * 4096) and "".join(d.text for d in docs) == text
+    assert [d.metadata["block"] for d in docs] == list(range(len(docs))) and docs[-1].metadata["last_block"]
+    assert [d.text for d in docs] == list(text_blocks([text], 4096))
+    bad = text.encode() + b"tail \xff\n"
+    (tmp_path / "in" / "a.txt").write_bytes(bad)
+    with pytest.raises(InputDataError, match=rf"a\.txt:{text.count(chr(10)) + 1}: invalid UTF-8 at byte {len(bad) - 2}"):
+        _read(TextFileReader(str(tmp_path / "in"), "*.txt", "fail", block_chars=4096))
+
+
+def test_a_long_parquet_cell_is_cut_into_blocks(tmp_path: Path, texts: list[str]) -> None:
+    from moe_cpt.corpus.readers import StrictParquetReader
+    from tests.corpus.helpers import write_parquet
+
+    long = " ".join(texts)
+    write_parquet(tmp_path / "in" / "a.parquet", [{"id": "s", "text": "short"}, {"id": "l", "text": long}])
+    docs = _read(StrictParquetReader(str(tmp_path / "in"), "*.parquet", "text", "id", "fail", block_chars=2048))
+    assert docs[0].text == "short" and "block" not in docs[0].metadata
+    assert "".join(d.text for d in docs[1:]) == long and len(docs) > 5 and {d.id for d in docs[1:]} == {"l"}

@@ -383,6 +383,7 @@ def _build_peak_rss_mb(tmp: Path, tokenizer_path: Path, words: np.ndarray, mb: i
     write_jsonl(tmp / "in" / "a.jsonl", [{"id": "huge", "text": text}])
     del text
     cfg = write_config(tmp / "c.yaml", name="huge", inputs=["in"], tokenizer=str(tokenizer_path), tasks=1,
+                       dedup={"exact": True, "minhash": {"enabled": True}},
                        packing={"block_tokens": 4096, "shard_bytes": 1 << 24})
     build = [sys.executable, "-m", "moe_cpt.cli", "corpus", "build", str(cfg), "--store", str(tmp / "store"),
              "--workers", "1"]
