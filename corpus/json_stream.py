@@ -41,11 +41,11 @@ class Malformed(Exception):
 class ByteSource:
     """Pull-style reader over a chunked byte stream, with the absolute offset of every byte."""
 
-    def __init__(self, chunks: Iterator[bytes]):
+    def __init__(self, chunks: Iterator[bytes], base: int = 0):
         self.chunks = chunks
         self.buf = b""
         self.pos = 0  # next byte to read, in buf
-        self.base = 0  # absolute offset of buf[0]
+        self.base = base  # absolute offset of buf[0] (of the first chunk)
 
     @property
     def offset(self) -> int:

@@ -236,8 +236,11 @@ class StrictJsonlReader(_RecordReaderMixin, JsonlReader):
             self.bad_record(filepath, li, f"field {self.text_key!r} is {scan.text_kind}, not a string")
             return
         doc_id = scan.doc_id if scan.has_id else f"{filepath}:{li}"
+        compression = compression_of(filepath)
         with self.data_folder.open(filepath, "rb") as f:
-            again = ByteSource(decompressed(f, compression_of(filepath)))
+            if compression is None:  # jump there (a compressed stream is decompressed from its start)
+                f.seek(scan.text_offset)
+            again = ByteSource(decompressed(f, compression), base=f.tell() if compression is None else 0)
             try:
                 again.seek(scan.text_offset)
                 yield from self.document_blocks(string_pieces(again), doc_id, filepath)

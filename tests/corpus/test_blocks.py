@@ -236,3 +236,24 @@ def test_a_long_parquet_cell_is_cut_into_blocks(tmp_path: Path, texts: list[str]
     docs = _read(StrictParquetReader(str(tmp_path / "in"), "*.parquet", "text", "id", "fail", block_chars=2048))
     assert docs[0].text == "short" and "block" not in docs[0].metadata
     assert "".join(d.text for d in docs[1:]) == long and len(docs) > 5 and {d.id for d in docs[1:]} == {"l"}
+
+
+@pytest.mark.parametrize("compression", [None, "gz", "zst"])
+def test_long_jsonl_lines_are_streamed_after_short_ones(tmp_path: Path, texts: list[str],
+                                                         compression: str | None) -> None:
+    from moe_cpt.corpus.readers import StrictJsonlReader
+
+    long = " ".join(texts) + " é😀"
+    records = [{"id": "s0", "text": "short one"}, {"text": long, "id": "l1"}, {"id": "s2", "text": "short two"},
+               {"x": {"text": "}"}, "text": long[::-1]}]
+    name = "a.jsonl" + (f".{compression}" if compression else "")
+    write_jsonl(tmp_path / "in" / name, records, compression)
+    assert len(long.encode()) > 4 * 2048  # so lines 2 and 4 are streamed
+    docs = _read(StrictJsonlReader(str(tmp_path / "in"), "*", "text", "id", "fail", block_chars=2048))
+    by_id: dict[str, list] = {}
+    for d in docs:
+        by_id.setdefault(d.id, []).append(d)
+    assert list(by_id) == ["s0", "l1", "s2", f"{name}:4"]  # no id: file:line, as for short lines
+    assert "".join(d.text for d in by_id["l1"]) == long and len(by_id["l1"]) > 4
+    assert "".join(d.text for d in list(by_id.values())[3]) == long[::-1]
+    assert by_id["s2"][0].text == "short two" and "block" not in by_id["s2"][0].metadata
