@@ -2,7 +2,7 @@
 
 datatrove's ``ExactDedupFilter`` and ``MinhashDedupFilter`` address documents by their position
 in a task's stream, which would count each block of a huge document (:mod:`moe_cpt.corpus.blocks`)
-as a document. These steps read the same files (the exact ``<task>.dups`` files of
+as a document. These steps read the same files (the exact ``<task>.c4_dup`` files of
 ``ExactFindDedups`` in every sub-folder, and ``<task:06d>.remove`` of
 :class:`~moe_cpt.corpus.minhash_cluster.DedupCluster`, both sorted ``<u4`` document indices) and
 count documents, not blocks: all blocks of a removed document are dropped, and the stats
@@ -19,6 +19,7 @@ from datatrove.utils.typeshelper import ExtensionHelperSD, StatHints
 
 from moe_cpt.corpus.blocks import starts_document
 from moe_cpt.corpus.minhash_cluster import _read_u4
+from moe_cpt.errors import CptError
 
 
 class BlockDedupFilter(PipelineStep):
@@ -48,10 +49,14 @@ class BlockDedupFilter(PipelineStep):
                     self.stat_update(StatHints.dropped if drop else StatHints.forwarded)
             if not drop:
                 yield doc
+        if len(remove) and int(remove[-1]) > idx:  # as datatrove's filters, which assert it
+            raise CptError(f"{self.name}: task {rank} has {idx + 1} documents but its removals name "
+                           f"document {int(remove[-1])}; the input changed since the dedup stages ran "
+                           "(delete the build's work folder and rebuild)")
 
 
 class ExactBlockFilter(BlockDedupFilter):
-    """Reads ``ExactFindDedups``' output folder (``*/RRRRR.dups``)."""
+    """Reads ``ExactFindDedups``' output folder (``*/RRRRR.c4_dup``)."""
 
     name = "💥 exact-dedup filter (block-aware)"
 

@@ -257,3 +257,31 @@ def test_long_jsonl_lines_are_streamed_after_short_ones(tmp_path: Path, texts: l
     assert "".join(d.text for d in by_id["l1"]) == long and len(by_id["l1"]) > 4
     assert "".join(d.text for d in list(by_id.values())[3]) == long[::-1]
     assert by_id["s2"][0].text == "short two" and "block" not in by_id["s2"][0].metadata
+
+
+def test_the_dedup_filter_drops_every_block_of_a_removed_document_and_counts_documents(tmp_path: Path) -> None:
+    from datatrove.data import Document
+
+    from moe_cpt.corpus.dedup_filter import ExactBlockFilter, MinhashBlockFilter
+    from moe_cpt.errors import CptError
+
+    (tmp_path / "exact" / "0000").mkdir(parents=True)
+    (tmp_path / "exact" / "0000" / "00000.c4_dup").write_bytes(np.array([1, 3], "<u4").tobytes())
+    (tmp_path / "mh").mkdir()
+    (tmp_path / "mh" / "000000.remove").write_bytes(np.array([0], "<u4").tobytes())
+
+    def stream():
+        yield Document(text="a", id="d0")
+        yield from block_documents(["x y " * 40], "d1", {}, 50)  # removed by exact: all its blocks
+        yield from block_documents(["p q " * 40], "d2", {}, 50)
+        yield Document(text="b", id="d3")
+        yield Document(text="c", id="d4")
+
+    exact = ExactBlockFilter(str(tmp_path / "exact"))
+    mh = MinhashBlockFilter(str(tmp_path / "mh"))
+    out = list(mh(exact(stream(), 0, 1), 0, 1))
+    assert [d.id for d in out] == ["d2"] * 4 + ["d4"]
+    assert exact.stats.stats["forwarded"].total == 3 and exact.stats.stats["dropped"].total == 2
+    assert mh.stats.stats["forwarded"].total == 2 and mh.stats.stats["dropped"].total == 1
+    with pytest.raises(CptError, match="removals name document 3"):
+        list(ExactBlockFilter(str(tmp_path / "exact"))(iter([Document(text="a", id="d0")]), 0, 1))
