@@ -285,3 +285,14 @@ def test_the_dedup_filter_drops_every_block_of_a_removed_document_and_counts_doc
     assert mh.stats.stats["forwarded"].total == 2 and mh.stats.stats["dropped"].total == 1
     with pytest.raises(CptError, match="removals name document 3"):
         list(ExactBlockFilter(str(tmp_path / "exact"))(iter([Document(text="a", id="d0")]), 0, 1))
+
+
+def test_a_min_chars_above_the_bound_is_refused(tmp_path: Path, tokenizer_path: Path) -> None:
+    from moe_cpt.corpus.config import MAX_MIN_CHARS
+    from moe_cpt.errors import ConfigError
+
+    assert MAX_MIN_CHARS * 16 <= blocks.BLOCK_CHARS  # a blocked document is far longer than any min_chars
+    path = write_config(tmp_path / "c.yaml", name="m", inputs=["in"], tokenizer=str(tokenizer_path),
+                        clean={"min_chars": MAX_MIN_CHARS + 1})
+    with pytest.raises(ConfigError, match=f"clean.min_chars must be at most {MAX_MIN_CHARS}"):
+        load_config(path)
