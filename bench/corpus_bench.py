@@ -13,8 +13,9 @@ largest of its worker processes). Rows:
    input of the same kind (``--peer-tokens``, to keep the bench within minutes);
 6. ours with dedup on 2 workers vs 1 (same tasks, wall clock, runs interleaved, best of
    ``--repeat``) beside the machine's own scaling, raw ``tokenizers`` in 1 vs 2 forked processes
-   (on a VM whose second core is shared, two fully independent processes get less than 2x); a 4x smaller input (RSS vs corpus size) and one huge document (RSS vs
-   document size);
+   (on a VM whose second core is shared, two fully independent processes get less than 2x); a
+   4x smaller input (RSS vs corpus size) and one huge document at two sizes (peak RSS must not
+   grow with it);
 7. dedup precision/recall on planted near-duplicates (bench/planted_dups.py), datatrove vs ours.
 """
 
@@ -98,6 +99,13 @@ def generate_input(texts: list[str], chars: int, out: Path, seed: int = 0) -> di
     for f in files:
         f.close()
     return counts
+
+
+HUGE_DOC_CHARS = (16 << 20, 64 << 20)  # two sizes: peak RSS must not grow with the document (blocks)
+
+
+def huge_label(chars: int) -> str:
+    return f"ours+dedup huge doc {chars >> 20}M"
 
 
 def huge_doc_input(texts: list[str], chars: int, out: Path) -> None:
@@ -271,7 +279,8 @@ def _bench(texts: list[str], tok_path: str, cpt: float, work: Path, tokens: int,
     planted = generate_input(texts, int(tokens * cpt), full)
     generate_input(texts, int(tokens * cpt / 4), small, seed=1)
     generate_input(texts, int(peer_tokens * cpt), peer, seed=2)
-    huge_doc_input(texts, 16 << 20, huge)
+    for chars in HUGE_DOC_CHARS:
+        huge_doc_input(texts, chars, huge / str(chars))
     console.print(f"bench corpus: generated ~{tokens / 1e6:.0f}M tokens ({planted['docs']:,} docs, "
                   f"{planted['exact_copies']:,} exact + {planted['near_copies']:,} near copies planted) "
                   f"in {time.perf_counter() - t0:.0f}s")
@@ -308,7 +317,8 @@ def _bench(texts: list[str], tok_path: str, cpt: float, work: Path, tokens: int,
     step("dt-minhash", kind="dt-minhash", input=str(peer))
     step("our-minhash", kind="our-minhash", input=str(peer))
     step("ours+dedup small", kind="ours", input=str(small), tasks=2, workers=1, dedup=DEDUP)
-    step("ours+dedup huge doc", kind="ours", input=str(huge), tasks=1, workers=1, dedup=DEDUP)
+    for chars in HUGE_DOC_CHARS:
+        step(huge_label(chars), kind="ours", input=str(huge / str(chars)), tasks=1, workers=1, dedup=DEDUP)
     for label in ("dt-minhash", "our-minhash"):
         results[label]["tokens"] = peer_raw["tokens"]
     for label in ("ours", "ours+dedup", "ours+dedup 2 workers"):
@@ -397,7 +407,7 @@ def print_report(out: dict, console: Console | None = None) -> None:
                   f"{res['raw 1 process']['seconds'] / r['seconds']:.2f}x", "-")
     for label, name in (("ours+dedup", "1 worker"), ("ours+dedup 2 workers", "2 workers"),
                         ("ours+dedup small", "1 worker, 1/4 of the input"),
-                        ("ours+dedup huge doc", "1 worker, one 16M-character document")):
+                        *((huge_label(c), f"1 worker, one {c >> 20}M-character document") for c in HUGE_DOC_CHARS)):
         r = res[label]
         scaling = label in ("ours+dedup", "ours+dedup 2 workers")
         s.add_row(name, f"{tokens_in(label):,}" if scaling else f"{r['tokens']:,} out", f"{r['seconds']:.1f}",

@@ -28,6 +28,8 @@ from moe_cpt.corpus.shard_writer import PackingConfig
 from moe_cpt.errors import ConfigError
 from moe_cpt.store.object_store import check_name
 
+MAX_MIN_CHARS = 1 << 16  # far below a block (corpus/blocks.py): every blocked document is long enough
+
 FORMATS = ("jsonl", "parquet", "text")
 DEFAULT_GLOBS = {"jsonl": "**/*.jsonl*", "parquet": "**/*.parquet", "text": "**/*"}
 
@@ -216,6 +218,8 @@ def _validate(cfg: DatasetConfig, where: str) -> None:
     for key, (value, least) in minimums.items():
         if value < least:
             raise ConfigError(f"{where}: {key} must be an integer >= {least}, got {value}")
+    if cfg.clean.min_chars > MAX_MIN_CHARS:  # huge documents are blocks longer than this, all kept
+        raise ConfigError(f"{where}: clean.min_chars must be at most {MAX_MIN_CHARS}, got {cfg.clean.min_chars}")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DatasetConfig:

@@ -7,28 +7,23 @@ duplicates; :mod:`moe_cpt.corpus.minhash_cluster` clusters the MinHash pairs wit
 view and writes removals that datatrove's filters read:
 
     front -> DedupSignatures | ExactFindDedups | FastMinhashBuckets | DedupCluster
-    front -> ExactDedupFilter -> MinhashDedupFilter -> ...
+    front -> ExactBlockFilter -> MinhashBlockFilter -> ...
 
 where ``front`` is readers + cleaning (deterministic, re-run by the final stage). Both filters
-address documents by their index within a task's stream; ``DedupCluster`` writes the MinHash
-removals in the index space after the exact filter.
+(:mod:`moe_cpt.corpus.dedup_filter`, reading datatrove's files) address documents by their index
+within a task's stream, counting a huge document's blocks as one; ``DedupCluster`` writes the
+MinHash removals in the index space after the exact filter.
 """
 
 import re
 
 from datatrove.data import Document
-from datatrove.pipeline.dedup import (
-    MinhashConfig,
-    MinhashDedupFilter,
-)
-from datatrove.pipeline.dedup.exact_dedup import (
-    ExactDedupConfig,
-    ExactDedupFilter,
-    ExactFindDedups,
-)
+from datatrove.pipeline.dedup import MinhashConfig
+from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactFindDedups
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from moe_cpt.corpus.config import DedupConfig
+from moe_cpt.corpus.dedup_filter import ExactBlockFilter, MinhashBlockFilter
 from moe_cpt.corpus.minhash_buckets import FastMinhashBuckets
 from moe_cpt.corpus.minhash_cluster import DedupCluster
 from moe_cpt.corpus.minhash_sigs import DedupSignatures
@@ -94,7 +89,7 @@ class DedupPlan:
         return ExactFindDedups(self.exact_sigs, self.exact_dups, exact_config())
 
     def exact_filter(self) -> list:
-        return [ExactDedupFilter(self.exact_dups, exact_config())] if self.exact else []
+        return [ExactBlockFilter(self.exact_dups)] if self.exact else []
 
     def signatures(self) -> DedupSignatures:
         """Exact and MinHash signatures in one pass (whichever are enabled)."""
@@ -109,4 +104,4 @@ class DedupPlan:
         return FastMinhashBuckets(self.mh_sigs, self.mh_buckets, config=minhash_config(self.cfg))
 
     def minhash_filter(self) -> list:
-        return [MinhashDedupFilter(self.mh_remove)] if self.minhash else []
+        return [MinhashBlockFilter(self.mh_remove)] if self.minhash else []

@@ -11,8 +11,8 @@ Replaces datatrove's ``MinhashDedupCluster`` when signatures come from
   links the same documents its kept twin does: clusters over the kept documents are the same as
   MinHash run after the exact filter (the old stage order);
 * writes ``RRRRRR.remove`` (sorted ``<u4`` indices) in the index space of the stream *after*
-  the exact filter, so datatrove's ``MinhashDedupFilter`` placed after ``ExactDedupFilter``
-  reads it unchanged.
+  the exact filter (datatrove's ``MinhashDedupFilter`` format), read by
+  :class:`~moe_cpt.corpus.dedup_filter.MinhashBlockFilter` placed after the exact filter.
 
 Memory: the pairs and the exact removals (proportional to the duplicates found, like datatrove's
 cluster step, not to the corpus).

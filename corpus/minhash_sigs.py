@@ -35,12 +35,14 @@ from collections.abc import Iterator
 
 import numpy as np
 import regex
+import xxhash
 from datatrove.data import DocumentsPipeline
 from datatrove.io import DataFolderLike, get_datafolder
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupSignature
 from datatrove.utils.typeshelper import StatHints
 
+from moe_cpt.corpus.blocks import ends_document, starts_document
 from moe_cpt.corpus.config import MinhashSettings
 
 _MARKS = regex.compile(r"\p{Mn}+")
@@ -212,18 +214,46 @@ class DedupSignatures(PipelineStep):
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> None:
         exact_sigs: list[tuple[int, int, int]] = []
         mh = _MinhashWriter(self, rank) if self.minhash_folder is not None else None
-        for doc_idx, doc in enumerate(data):
+        doc_idx = -1  # counts documents: all blocks of a blocked document are one
+        hasher = None  # streaming exact hash of a blocked document
+        for doc in data:
             with self.track_time():
-                self.stat_update(StatHints.total)
+                first, last = starts_document(doc), ends_document(doc)
+                if first:
+                    doc_idx += 1
+                    self.stat_update(StatHints.total)
                 if self.exact is not None:
-                    exact_sigs.append((self.exact.hash_fc(doc.text), 1, doc_idx))
+                    if first and last:
+                        exact_sigs.append((self.exact.hash_fc(doc.text), 1, doc_idx))
+                    else:
+                        hasher = ExactHasher(self.exact.config) if first else hasher
+                        hasher.update(doc.text)
+                        if last:
+                            exact_sigs.append((hasher.intdigest(), 1, doc_idx))
                 if mh is not None:
-                    mh.add(doc_idx, doc.text)
+                    mh.add(doc_idx, doc.text, new_document=first)
         with self.track_time():
             if mh is not None:
                 mh.close()
             if self.exact is not None:
                 self.exact.save_hashes(rank, exact_sigs)
+
+
+class ExactHasher:
+    """datatrove's exact-dedup hash of a text (xxhash64 or xxhash32 of its UTF-8 bytes), fed
+    block by block: the same integer as ``ExactDedupSignature.hash_fc`` of the whole text."""
+
+    def __init__(self, config: ExactDedupConfig):
+        hc = config.hash_config
+        if hc.hash_fc != "xxhash":
+            raise ValueError(f"blocked documents need the xxhash exact-dedup hash, not {hc.hash_fc!r}")
+        self.h = xxhash.xxh32() if hc.precision == 32 else xxhash.xxh64()
+
+    def update(self, text: str) -> None:
+        self.h.update(text.encode("utf-8"))
+
+    def intdigest(self) -> int:
+        return self.h.intdigest()
 
 
 class _MinhashWriter:
@@ -242,8 +272,11 @@ class _MinhashWriter:
         self.nbytes = 0
         self.n_docs = 0
 
-    def add(self, doc_idx: int, text: str) -> None:
-        self.doc_ids.append(doc_idx)
+    def add(self, doc_idx: int, text: str, new_document: bool = True) -> None:
+        """Add a document's text, or (``new_document=False``) the next block of the last one:
+        its shingles then go into the same slot, combined by ``min`` like pieces."""
+        if new_document:
+            self.doc_ids.append(doc_idx)
         slot = len(self.doc_ids) - 1
         for piece in text_pieces(text, self.step.piece_chars):
             self.segments.append(piece)

@@ -134,10 +134,14 @@ class ShardSetWriter:
             doc.pending, doc.pending_len = [], 0
         self._place(tokens, cut=True)
 
-    def end_document(self) -> None:
+    def end_document(self, content_hash: str | None = None) -> None:
+        """Close the open document; ``content_hash``, if given, replaces the one given to
+        :meth:`begin_document` (for a document hashed while its blocks stream by)."""
         doc = self._doc
         if doc is None:
             raise RuntimeError("end_document without begin_document")
+        if content_hash is not None:
+            self._index["content_hash"][doc.row] = content_hash
         if not doc.cut:
             self._place(np.concatenate(doc.pending) if doc.pending else np.empty(0, self.dtype), cut=False)
         self._index["n_tokens"][doc.row] = doc.total

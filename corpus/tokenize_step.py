@@ -4,45 +4,52 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import xxhash
-from datatrove.data import DocumentsPipeline
+from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
+from moe_cpt.corpus.blocks import ends_document, piece_bounds, starts_document
 from moe_cpt.corpus.shard_writer import PackingConfig, ShardSetWriter
-from moe_cpt.corpus.tokenizer import batched
 from moe_cpt.fs import join, open_fs
 from moe_cpt.store.manifest import TokenizerInfo
 
 ENCODE_BATCH = 256
-LONG_DOC_CHARS = 1 << 20  # longer texts are tokenized in pieces of about this many characters
-CUT_WINDOW = 4096  # how far back from the limit a piece boundary is looked for
-
-
-def piece_bounds(text: str, limit: int = LONG_DOC_CHARS, window: int = CUT_WINDOW) -> list[int]:
-    """Where to cut a long text for tokenizing it piece by piece: offsets of pieces of at most
-    ``limit`` characters, each cut just before a whitespace character that follows a non-space
-    and precedes a non-space ("word| word"). Byte-level BPE pre-tokenizers (GPT-2, Llama 3 and
-    the ones :func:`moe_cpt.corpus.tokenizer.train_bpe` makes) split there anyway, so the pieces' tokens
-    are the whole text's. Only a stretch of ``window`` characters without such a place is cut
-    at the limit itself (tokens may then differ at that cut)."""
-    bounds = [0]
-    n = len(text)
-    while n - bounds[-1] > limit:
-        hard = bounds[-1] + limit
-        cut = hard
-        for i in range(hard, max(bounds[-1] + 1, hard - window), -1):
-            if text[i].isspace() and not text[i - 1].isspace() and i + 1 < n and not text[i + 1].isspace():
-                cut = i
-                break
-        bounds.append(cut)
-    bounds.append(n)
-    return bounds
+LONG_DOC_CHARS = 1 << 18  # longer texts (and blocks) are tokenized in pieces of about this many characters
 
 
 def content_hash(text: str) -> str:
     return xxhash.xxh3_64_hexdigest(text.encode("utf-8", "surrogatepass"))
+
+
+def _batches(data: DocumentsPipeline, size: int = ENCODE_BATCH, chars: int = LONG_DOC_CHARS) -> Iterator[list[Document]]:
+    """Lists of up to ``size`` documents, closed once they hold ``chars`` characters (so a run
+    of blocks is encoded about one block at a time)."""
+    batch: list[Document] = []
+    n = 0
+    for doc in data:
+        batch.append(doc)
+        n += len(doc.text)
+        if len(batch) == size or n >= chars:
+            yield batch
+            batch, n = [], 0
+    if batch:
+        yield batch
+
+
+class _ContentHasher:
+    """:func:`content_hash` of a document streamed as blocks: streaming xxh3_64 over their bytes."""
+
+    def __init__(self) -> None:
+        self.h = xxhash.xxh3_64()
+
+    def update(self, text: str) -> None:
+        self.h.update(text.encode("utf-8", "surrogatepass"))
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
 
 
 class TokenizeToShards(PipelineStep):
@@ -73,24 +80,32 @@ class TokenizeToShards(PipelineStep):
         dtype = self.info.np_dtype
         writer = ShardSetWriter(fs, root, f"part-{rank:05d}", dtype, self.packing)
         eos = self.info.eos_id
-        for batch in batched(data, ENCODE_BATCH):
+        hasher: _ContentHasher | None = None  # of the blocked document being written
+        for batch in _batches(data):
             with self.track_time("batch"):
                 short = [d for d in batch if len(d.text) <= LONG_DOC_CHARS]
                 encodings = iter(tok.encode_batch_fast([d.text for d in short], add_special_tokens=False))
-                n_tokens = 0
+                n_tokens = n_docs = 0
                 for doc in batch:
-                    writer.begin_document(doc.id, doc.metadata.get("file_path", ""), content_hash(doc.text))
+                    if starts_document(doc):  # a blocked document's hash is known at its last block
+                        hasher = None if ends_document(doc) else _ContentHasher()
+                        writer.begin_document(doc.id, doc.metadata.get("file_path", ""),
+                                              content_hash(doc.text) if hasher is None else "")
+                    if hasher is not None:
+                        hasher.update(doc.text)
                     if len(doc.text) <= LONG_DOC_CHARS:
                         n_tokens += self._add(writer, next(encodings).ids, dtype)
                     else:  # one piece at a time: memory bounded by the piece, not the document
-                        bounds = piece_bounds(doc.text)
+                        bounds = piece_bounds(doc.text, LONG_DOC_CHARS)
                         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
                             ids = tok.encode_batch_fast([doc.text[a:b]], add_special_tokens=False)[0].ids
                             n_tokens += self._add(writer, ids, dtype)
-                    writer.add_tokens(np.array([eos], dtype=dtype))
-                    writer.end_document()
-                    n_tokens += 1
-                self.stat_update("documents", value=len(batch), unit="batch")
+                    if ends_document(doc):
+                        writer.add_tokens(np.array([eos], dtype=dtype))
+                        writer.end_document(None if hasher is None else hasher.hexdigest())
+                        n_tokens += 1
+                        n_docs += 1
+                self.stat_update("documents", value=n_docs, unit="batch")
                 self.stat_update("tokens", value=n_tokens, unit="batch")
         shards, index_rel = writer.close()
         result = {"rank": rank, "shards": [s.to_json() for s in shards], "index": index_rel,
