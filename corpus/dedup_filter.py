@@ -18,7 +18,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.typeshelper import ExtensionHelperSD, StatHints
 
 from moe_cpt.corpus.blocks import starts_document
-from moe_cpt.corpus.minhash_cluster import _read_u4
+from moe_cpt.corpus.minhash_cluster import read_u4
 from moe_cpt.errors import CptError
 
 
@@ -62,7 +62,7 @@ class ExactBlockFilter(BlockDedupFilter):
 
     def removed(self, rank: int) -> np.ndarray:
         paths = self.folder.list_files(glob_pattern=f"*/{rank:05d}{ExtensionHelperSD.stage_2_duplicates}")
-        parts = [_read_u4(self.folder, p) for p in paths]
+        parts = [read_u4(self.folder, p) for p in paths]
         return np.unique(np.concatenate(parts)) if parts else np.empty(0, "<u4")
 
 
@@ -74,4 +74,4 @@ class MinhashBlockFilter(BlockDedupFilter):
 
     def removed(self, rank: int) -> np.ndarray:
         path = f"{rank:06d}.remove"
-        return _read_u4(self.folder, path) if self.folder.isfile(path) else np.empty(0, "<u4")
+        return read_u4(self.folder, path) if self.folder.isfile(path) else np.empty(0, "<u4")

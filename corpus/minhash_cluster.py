@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import numpy as np
 from datatrove.data import DocumentsPipeline
-from datatrove.io import DataFolderLike, get_datafolder
+from datatrove.io import DataFolder, DataFolderLike, get_datafolder
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.typeshelper import ExtensionHelperSD
 
 
-def _read_u4(folder, path: str) -> np.ndarray:
+def read_u4(folder: DataFolder, path: str) -> np.ndarray:
+    """A file of little-endian uint32 (datatrove's duplicate/removal index files, pair records)."""
     with folder.open(path, "rb") as f:
         return np.frombuffer(f.read(), dtype="<u4")
 
@@ -37,7 +38,7 @@ def exact_removals(folder) -> dict[int, np.ndarray]:
     out: dict[int, list[np.ndarray]] = {}
     for path in folder.list_files(glob_pattern="*/*" + ExtensionHelperSD.stage_2_duplicates):
         rank = int(path.rsplit("/", 1)[-1].removesuffix(ExtensionHelperSD.stage_2_duplicates))
-        out.setdefault(rank, []).append(_read_u4(folder, path))
+        out.setdefault(rank, []).append(read_u4(folder, path))
     return {r: np.unique(np.concatenate(a)).astype(np.int64) for r, a in out.items()}
 
 
@@ -76,7 +77,7 @@ class DedupCluster(PipelineStep):
         if world_size != 1:
             raise ValueError("DedupCluster runs as a single task")
         with self.track_time():
-            pairs = [_read_u4(self.buckets_folder, p).reshape(-1, 4)
+            pairs = [read_u4(self.buckets_folder, p).reshape(-1, 4)
                      for p in self.buckets_folder.list_files(glob_pattern="*.dups")]
             pairs = np.concatenate(pairs) if pairs else np.empty((0, 4), dtype="<u4")
             exact = exact_removals(self.exact_folder) if self.exact_folder is not None else {}
