@@ -15,10 +15,10 @@ import numpy as np
 from datatrove.data import DocumentsPipeline
 from datatrove.io import DataFolderLike, get_datafolder
 from datatrove.pipeline.base import PipelineStep
-from datatrove.utils.typeshelper import ExtensionHelperSD, StatHints
+from datatrove.utils.typeshelper import StatHints
 
 from moe_cpt.corpus.blocks import starts_document
-from moe_cpt.corpus.minhash_cluster import read_u4
+from moe_cpt.corpus.minhash_cluster import exact_removals, read_u4
 from moe_cpt.errors import CptError
 
 
@@ -61,9 +61,7 @@ class ExactBlockFilter(BlockDedupFilter):
     name = "💥 exact-dedup filter (block-aware)"
 
     def removed(self, rank: int) -> np.ndarray:
-        paths = self.folder.list_files(glob_pattern=f"*/{rank:05d}{ExtensionHelperSD.stage_2_duplicates}")
-        parts = [read_u4(self.folder, p) for p in paths]
-        return np.unique(np.concatenate(parts)) if parts else np.empty(0, "<u4")
+        return exact_removals(self.folder, rank).get(rank, np.empty(0, np.int64))
 
 
 class MinhashBlockFilter(BlockDedupFilter):

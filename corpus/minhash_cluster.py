@@ -33,10 +33,12 @@ def read_u4(folder: DataFolder, path: str) -> np.ndarray:
         return np.frombuffer(f.read(), dtype="<u4")
 
 
-def exact_removals(folder) -> dict[int, np.ndarray]:
-    """Task -> sorted document indices removed by datatrove's ``ExactFindDedups``."""
+def exact_removals(folder: DataFolder, rank: int | None = None) -> dict[int, np.ndarray]:
+    """Task -> sorted document indices removed by datatrove's ``ExactFindDedups`` (every task's
+    ``*/RRRRR.c4_dup`` files, or only task ``rank``'s)."""
+    name = "*" if rank is None else f"{rank:05d}"
     out: dict[int, list[np.ndarray]] = {}
-    for path in folder.list_files(glob_pattern="*/*" + ExtensionHelperSD.stage_2_duplicates):
+    for path in folder.list_files(glob_pattern=f"*/{name}{ExtensionHelperSD.stage_2_duplicates}"):
         rank = int(path.rsplit("/", 1)[-1].removesuffix(ExtensionHelperSD.stage_2_duplicates))
         out.setdefault(rank, []).append(read_u4(folder, path))
     return {r: np.unique(np.concatenate(a)).astype(np.int64) for r, a in out.items()}
